@@ -1,0 +1,158 @@
+"""Default configuration: every field of a cvt-flax run, documented.
+
+Task configs (``configs/cifar100.py``, ``configs/imagenet.py``, ...) import this
+file and override what differs. Any field can be overridden on the command line:
+
+    python main.py --config=configs/default.py --workdir=/tmp/cvt_default \
+        --config.batch_size=256 --config.num_epochs=10
+
+Fields that are derived from others (``eval_batch_size`` follows
+``batch_size``) are ml_collections references, so an override of the source
+also moves the derived value.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default configuration (CvT-13-32 on CIFAR-100, our recipe)."""
+    config = ml_collections.ConfigDict()
+
+    # ---------------------------------------------------------------- model
+    # Registered variant name (see `cvt_flax.models.list_models()`).
+    config.model = "cvt_13_32"
+    # MLP activation: 'quick_gelu' (official microsoft/CvT) or 'gelu' (HF port).
+    config.act = "quick_gelu"
+    # Stochastic depth of the last stage (official rule: rates grow linearly from
+    # 0 to this over the stage's blocks; earlier stages 0). Negative: variant's.
+    config.drop_path_rate = 0.1
+    # Dropout rate in every stage (MLP, attention output, embedding). Negative:
+    # the variant's (0 in all official variants).
+    config.dropout_rate = -1.0
+    # Attention-probability dropout in every stage. Negative: the variant's.
+    config.attn_dropout_rate = -1.0
+    # Compute dtype: 'bfloat16' (accelerators) or 'float32'. Params stay float32.
+    config.dtype = "bfloat16"
+    # Attention kernel: 'explicit' (einsum), 'xla' or 'cudnn' (flash, GPU only).
+    config.attention_impl = "explicit"
+    # Rematerialise blocks in the backward pass (less memory, ~30% more compute).
+    config.remat = False
+
+    # ---------------------------------------------------------------- data
+    # TFDS dataset name (e.g. 'cifar100', 'fashion_mnist', 'oxford_iiit_pet'),
+    # or 'image_folder' for a `tfds.ImageFolder` tree <data_dir>/<split>/<label>/*.
+    config.dataset = "cifar100"
+    # TFDS data_dir (where prepared datasets live), or the image-folder root.
+    # None: TFDS's default (~/tensorflow_datasets).
+    config.data_dir = None
+    # Let TFDS download and prepare the dataset when it is not in data_dir.
+    config.download = True
+    # Splits (TFDS split syntax, e.g. 'train[:90%]').
+    config.train_split = "train"
+    config.eval_split = "test"
+    # Side length of the (square) model input; images are resized/cropped to it.
+    config.image_size = 32
+    # Channels fed to the model: 3 (grayscale images are tiled) or 1 (RGB images
+    # are converted to luminance). 0: the dataset's own channel count.
+    config.num_channels = 3
+
+    config.input = ml_collections.ConfigDict()
+    # 'tfdata': TFDS + tf.data on the host (needs TensorFlow); 'device': the whole
+    # dataset read once through `tfds.data_source` (no TensorFlow), kept in
+    # accelerator memory and augmented there (small datasets only).
+    config.input.pipeline = "tfdata"
+    # Cache decoded examples in memory (tf.data); for datasets that fit.
+    config.input.cache = True
+    # Shuffle buffer (examples) for tf.data; shuffling happens before repeat.
+    config.input.shuffle_buffer = 50_000
+    # Batches prefetched to the devices.
+    config.input.prefetch = 2
+    # Per-channel normalisation; 'auto' picks the dataset's own statistics where
+    # known (CIFAR, Fashion-MNIST), ImageNet's otherwise.
+    config.input.normalization = "auto"
+
+    # ---------------------------------------------------------------- augmentation
+    config.aug = ml_collections.ConfigDict()
+    # Train crop: 'pad_crop' (pad then random crop; CIFAR style),
+    # 'random_resized_crop' (Inception style; ImageNet), 'resize' (no crop).
+    config.aug.crop = "pad_crop"
+    # Padding (pixels at image_size) for 'pad_crop'.
+    config.aug.crop_padding = 4
+    # Smallest area fraction for 'random_resized_crop'.
+    config.aug.crop_min_scale = 0.08
+    # Random horizontal flip.
+    config.aug.hflip = True
+    # RandAugment: number of ops per image (0 disables) and magnitude (0-10).
+    config.aug.randaugment_layers = 2
+    config.aug.randaugment_magnitude = 9
+    # Colour jitter strength (0 disables; official ImageNet 0.4 when no RandAugment).
+    config.aug.color_jitter = 0.0
+    # Random-erasing probability (per image; pixel mode as timm).
+    config.aug.random_erasing = 0.25
+    # Mixup / CutMix (on device, in the train step). alpha 0 disables each;
+    # with both on, one of the two is picked per batch with `cutmix_switch_prob`.
+    config.aug.mixup_alpha = 0.8
+    config.aug.cutmix_alpha = 1.0
+    config.aug.mix_prob = 1.0
+    config.aug.cutmix_switch_prob = 0.5
+    # Eval preprocessing: 'resize' to image_size, or 'center_crop' with the
+    # ratio below (ImageNet style: resize to image_size / ratio, crop).
+    config.aug.eval_crop = "resize"
+    config.aug.eval_crop_ratio = 0.875
+
+    # ---------------------------------------------------------------- optimisation
+    # Global batch size (over all devices and hosts).
+    config.batch_size = 512
+    # Eval batch size (global); follows batch_size unless overridden.
+    config.eval_batch_size = config.get_ref("batch_size") * 2
+    # Training length in epochs; `num_train_steps` > 0 overrides it.
+    config.num_epochs = 300
+    config.num_train_steps = -1
+    # 'adamw' or 'sgd' (momentum, nesterov).
+    config.optimizer = "adamw"
+    # Peak learning rate (absolute, for the global batch size above).
+    config.learning_rate = 1e-3
+    # Scale learning_rate by batch_size / lr_base_batch_size (0: no scaling).
+    config.lr_base_batch_size = 0
+    # Linear warmup from `warmup_init_lr` to the peak, then cosine to `min_learning_rate`.
+    config.warmup_epochs = 5.0
+    config.warmup_init_lr = 1e-6
+    config.min_learning_rate = 1e-5
+    # Weight decay (decoupled for AdamW); not applied to biases, norms, cls tokens.
+    config.weight_decay = 0.05
+    # AdamW betas / epsilon; SGD momentum.
+    config.b1 = 0.9
+    config.b2 = 0.999
+    config.eps = 1e-8
+    config.momentum = 0.9
+    config.nesterov = True
+    # Clip gradients to this global norm (0 disables).
+    config.grad_clip_norm = 1.0
+    # Label smoothing of the cross-entropy (applied before mixup).
+    config.label_smoothing = 0.1
+    # Exponential moving average of the parameters (0 disables); evaluated when on.
+    config.ema_decay = 0.0
+
+    # ---------------------------------------------------------------- run
+    # Seed of initialisation, data order, augmentation and dropout.
+    config.seed = 0
+    # Log train metrics every this many steps.
+    config.log_every_steps = 100
+    # Evaluate every this many steps (<= 0: once per epoch) and at the end.
+    config.eval_every_steps = -1
+    # Save a checkpoint every this many steps (<= 0: once per epoch) and at the end.
+    config.checkpoint_every_steps = -1
+    # Checkpoints to keep (the best by eval accuracy is kept as well).
+    config.keep_checkpoints = 3
+    # Initialise from this checkpoint when the workdir has none: a cvt-flax
+    # workdir or checkpoint directory, or the output of `python -m cvt_flax.convert`.
+    config.init_from = ""
+    # Restore only evaluate: report test metrics of the latest checkpoint and stop.
+    config.eval_only = False
+    # Profile a few steps into the workdir (TensorBoard profile plugin).
+    config.profile = False
+    # Stop after this many seconds of training (0: no limit; for smoke runs).
+    config.max_train_seconds = 0.0
+
+    return config
+

@@ -1,0 +1,516 @@
+"""CvT (Convolutional vision Transformer) in Flax linen.
+
+A faithful re-implementation of ``lib/models/cls_cvt.py`` of microsoft/CvT
+(Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021),
+in channels-last layout. Parameter names follow the official module tree
+(``stage0/patch_embed/proj``, ``stage2/blocks_0/attn/conv_proj_q/bn``, ``norm``,
+``head``), which keeps weight conversion a rename plus a transpose.
+
+Inputs are ``[batch, height, width, channels]`` images (any size that the strides
+allow; there is no position embedding). Tokens are flattened row-major, as the
+official ``b c h w -> b (h w) c``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvt_flax.models.spec import ACTIVATIONS, CvTSpec
+
+Array = jax.Array
+Dtype = Any
+
+# Official initialisation: truncated normal (std 0.02) for Linear weights, zero
+# biases. torch's trunc_normal_ truncates at +-2 (absolute), i.e. at +-100 std for
+# std=0.02, which is practically an untruncated normal; flax's truncated_normal
+# truncates at +-2 std. Both are "trunc_normal(0.02)"; we follow the paper's intent.
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+zeros_init = nn.initializers.zeros
+# torch's default Conv2d init (kaiming_uniform with a=sqrt(5)) == U(-1/sqrt(fan_in), +).
+conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+LN_EPS = 1e-5
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # torch momentum 0.1
+
+
+def quick_gelu(x: Array) -> Array:
+    """The official CvT activation: ``x * sigmoid(1.702 x)``."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """Returns the activation function named ``name``.
+
+    Args:
+      name: ``quick_gelu`` (official microsoft/CvT), ``gelu`` (exact erf GELU, as
+        the HuggingFace port) or ``gelu_tanh`` (tanh approximation).
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if name == "quick_gelu":
+        return quick_gelu
+    if name == "gelu":
+        return functools.partial(jax.nn.gelu, approximate=False)
+    if name == "gelu_tanh":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    raise ValueError(f"Unknown activation {name!r}; choose one of {ACTIVATIONS}.")
+
+
+def avg_pool_ceil(x: Array, kernel: int, stride: int, padding: int) -> Array:
+    """``torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)`` in NHWC.
+
+    Matches torch exactly, including ``count_include_pad=True`` and the divisor of
+    windows that ceil mode lets run past the padded input.
+    """
+
+    def out_size(n: int) -> int:
+        out = -(-(n + 2 * padding - kernel) // stride) + 1
+        if (out - 1) * stride >= n + padding:
+            out -= 1
+        return out
+
+    def divisors(n: int, out: int) -> np.ndarray:
+        starts = np.arange(out) * stride - padding
+        ends = np.minimum(starts + kernel, n + padding)
+        return (ends - starts).astype(np.float32)
+
+    _, h, w, _ = x.shape
+    oh, ow = out_size(h), out_size(w)
+    pad_h = (padding, max(0, (oh - 1) * stride + kernel - h - padding))
+    pad_w = (padding, max(0, (ow - 1) * stride + kernel - w - padding))
+    summed = jax.lax.reduce_window(
+        x,
+        jnp.array(0, x.dtype),
+        jax.lax.add,
+        (1, kernel, kernel, 1),
+        (1, stride, stride, 1),
+        ((0, 0), pad_h, pad_w, (0, 0)),
+    )
+    div = np.outer(divisors(h, oh), divisors(w, ow))[None, :, :, None]
+    return summed / jnp.asarray(div, x.dtype)
+
+
+class ConvEmbed(nn.Module):
+    """Convolutional token embedding: an overlapping strided conv, then LayerNorm.
+
+    Attributes:
+      embed_dim: Output channels.
+      patch_size: Conv kernel size.
+      stride: Conv stride.
+      padding: Zero padding on every side.
+    """
+
+    embed_dim: int
+    patch_size: int
+    stride: int
+    padding: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = nn.Conv(
+            self.embed_dim,
+            (self.patch_size, self.patch_size),
+            strides=(self.stride, self.stride),
+            padding=((self.padding, self.padding), (self.padding, self.padding)),
+            kernel_init=conv_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+        )(x)
+        return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+
+
+class ConvProjection(nn.Module):
+    """Convolutional projection of a token map (before the linear q/k/v projection).
+
+    Attributes:
+      method: ``dw_bn`` (depthwise conv without bias, then BatchNorm), ``avg``
+        (average pool, ceil mode) or ``linear`` (identity).
+      kernel_size: Kernel of the conv / pool.
+      stride: Stride (1 for queries, 2 for the paper's squeezed keys/values).
+      padding: Padding.
+    """
+
+    method: str
+    kernel_size: int
+    stride: int
+    padding: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if self.method == "linear":
+            return x
+        if self.method == "avg":
+            return avg_pool_ceil(x, self.kernel_size, self.stride, self.padding)
+        if self.method != "dw_bn":
+            raise ValueError(f"Unknown projection method {self.method!r}.")
+        k, s, p = self.kernel_size, self.stride, self.padding
+        x = nn.Conv(
+            x.shape[-1],
+            (k, k),
+            strides=(s, s),
+            padding=((p, p), (p, p)),
+            feature_group_count=x.shape[-1],
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPS,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="bn",
+        )(x)
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    scale: float,
+    *,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    dropout_rng: Array | None = None,
+    implementation: str = "explicit",
+) -> Array:
+    """Multi-head attention on ``[batch, tokens, heads, head_dim]`` inputs.
+
+    Args:
+      q: Queries ``[B, T, H, D]``.
+      k: Keys ``[B, S, H, D]``.
+      v: Values ``[B, S, H, D]``.
+      scale: Logit scale (CvT uses ``dim_out ** -0.5``, the full width).
+      dropout_rate: Attention-probability dropout.
+      deterministic: Disables dropout.
+      dropout_rng: Rng for dropout.
+      implementation: ``explicit`` (einsum, float32 softmax; supports dropout),
+        ``xla`` or ``cudnn`` (``jax.nn.dot_product_attention``; no dropout).
+
+    Returns:
+      ``[B, T, H, D]`` attention output.
+    """
+    use_dropout = dropout_rate > 0.0 and not deterministic
+    if implementation in ("xla", "cudnn") and not use_dropout:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1)
+    if use_dropout:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+
+
+class ConvAttention(nn.Module):
+    """Convolutional-projection multi-head attention.
+
+    The token map is projected by `ConvProjection` (queries with ``stride_q``,
+    keys/values with ``stride_kv``), the class token bypasses the convolution
+    and is concatenated back in front, then linear q/k/v projections, scaled
+    dot-product attention with the official scale ``dim ** -0.5``, and an output
+    projection with dropout.
+    """
+
+    dim: int
+    num_heads: int
+    qkv_bias: bool = True
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    method: str = "dw_bn"
+    kernel_size: int = 3
+    stride_q: int = 1
+    stride_kv: int = 2
+    padding_q: int = 1
+    padding_kv: int = 1
+    with_cls_token: bool = False
+    attention_impl: str = "explicit"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, hw: tuple[int, int], train: bool) -> Array:
+        b, n, c = x.shape
+        h, w = hw
+        if self.with_cls_token:
+            cls_tok, x = x[:, :1], x[:, 1:]
+        x = x.reshape(b, h, w, c)
+        proj = functools.partial(
+            ConvProjection, kernel_size=self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        q_method = "linear" if self.method == "avg" else self.method
+        q = proj(q_method, stride=self.stride_q, padding=self.padding_q, name="conv_proj_q")(x, train)
+        k = proj(self.method, stride=self.stride_kv, padding=self.padding_kv, name="conv_proj_k")(x, train)
+        v = proj(self.method, stride=self.stride_kv, padding=self.padding_kv, name="conv_proj_v")(x, train)
+        q, k, v = (t.reshape(b, -1, c) for t in (q, k, v))
+        if self.with_cls_token:
+            cls_tok = cls_tok.astype(q.dtype)
+            q, k, v = (jnp.concatenate([cls_tok, t], axis=1) for t in (q, k, v))
+
+        dense = functools.partial(
+            nn.Dense,
+            self.dim,
+            kernel_init=dense_init,
+            bias_init=zeros_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        head_dim = self.dim // self.num_heads
+        q = dense(use_bias=self.qkv_bias, name="proj_q")(q).reshape(b, -1, self.num_heads, head_dim)
+        k = dense(use_bias=self.qkv_bias, name="proj_k")(k).reshape(b, -1, self.num_heads, head_dim)
+        v = dense(use_bias=self.qkv_bias, name="proj_v")(v).reshape(b, -1, self.num_heads, head_dim)
+
+        deterministic = not train
+        rng = self.make_rng("dropout") if (self.attn_drop > 0.0 and not deterministic) else None
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            self.dim**-0.5,
+            dropout_rate=self.attn_drop,
+            deterministic=deterministic,
+            dropout_rng=rng,
+            implementation=self.attention_impl,
+        )
+        out = out.reshape(b, -1, self.dim)
+        out = dense(name="proj")(out)
+        return nn.Dropout(self.proj_drop)(out, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+    """Transformer MLP: Dense, activation, dropout, Dense, dropout."""
+
+    hidden_dim: int
+    out_dim: int
+    drop: float = 0.0
+    act: str = "quick_gelu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        dense = functools.partial(
+            nn.Dense, kernel_init=dense_init, bias_init=zeros_init, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        x = dense(self.hidden_dim, name="fc1")(x)
+        x = get_activation(self.act)(x)
+        x = nn.Dropout(self.drop)(x, deterministic=not train)
+        x = dense(self.out_dim, name="fc2")(x)
+        return nn.Dropout(self.drop)(x, deterministic=not train)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with convolutional attention and stochastic depth."""
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    drop: float = 0.0
+    drop_path: float = 0.0
+    act: str = "quick_gelu"
+    attn_kwargs: tuple[tuple[str, Any], ...] = ()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, hw: tuple[int, int], train: bool) -> Array:
+        norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
+        # Stochastic depth: drop the whole residual branch per example.
+        drop_path = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)))
+        y = ConvAttention(
+            self.dim,
+            self.num_heads,
+            proj_drop=self.drop,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="attn",
+            **dict(self.attn_kwargs),
+        )(norm(name="norm1")(x), hw, train)
+        x = x + drop_path(y, deterministic=not train)
+        y = Mlp(
+            int(self.dim * self.mlp_ratio),
+            self.dim,
+            drop=self.drop,
+            act=self.act,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="mlp",
+        )(norm(name="norm2")(x), train)
+        return x + drop_path(y, deterministic=not train)
+
+
+class Stage(nn.Module):
+    """One CvT stage: token embedding, optional class token, transformer blocks.
+
+    Returns the ``[B, h, w, C]`` token map and the class token (``[B, 1, C]`` or
+    None).
+    """
+
+    spec: CvTSpec
+    index: int
+    act: str = "quick_gelu"
+    attention_impl: str = "explicit"
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> tuple[Array, Array | None]:
+        s, i = self.spec, self.index
+        x = ConvEmbed(
+            s.dim_embed[i],
+            s.patch_size[i],
+            s.patch_stride[i],
+            s.patch_padding[i],
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="patch_embed",
+        )(x)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        with_cls = s.cls_token[i]
+        if with_cls:
+            cls_tok = self.param("cls_token", dense_init, (1, 1, c), self.param_dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls_tok.astype(x.dtype), (b, 1, c)), x], axis=1)
+        x = nn.Dropout(s.drop_rate[i])(x, deterministic=not train)
+
+        attn_kwargs = (
+            ("qkv_bias", s.qkv_bias[i]),
+            ("attn_drop", s.attn_drop_rate[i]),
+            ("method", s.qkv_proj_method[i]),
+            ("kernel_size", s.kernel_qkv[i]),
+            ("stride_q", s.stride_q[i]),
+            ("stride_kv", s.stride_kv[i]),
+            ("padding_q", s.padding_q[i]),
+            ("padding_kv", s.padding_kv[i]),
+            ("with_cls_token", with_cls),
+            ("attention_impl", self.attention_impl),
+        )
+        dpr = np.linspace(0.0, s.drop_path_rate[i], s.depth[i]) if s.depth[i] > 0 else []
+        block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+        for j in range(s.depth[i]):
+            x = block_cls(
+                c,
+                s.num_heads[i],
+                mlp_ratio=s.mlp_ratio[i],
+                drop=s.drop_rate[i],
+                drop_path=float(dpr[j]),
+                act=self.act,
+                attn_kwargs=attn_kwargs,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"blocks_{j}",
+            )(x, (h, w), train)
+
+        cls_out = None
+        if with_cls:
+            cls_out, x = x[:, :1], x[:, 1:]
+        return x.reshape(b, h, w, c), cls_out
+
+
+class CvT(nn.Module):
+    """Convolutional vision Transformer (image classifier or backbone).
+
+    Attributes:
+      spec: Architecture (see `CvTSpec` and `cvt_flax.models.registry`).
+      num_classes: Classifier outputs; 0 returns the pooled features instead.
+      act: MLP activation: ``quick_gelu`` (official), ``gelu`` (HuggingFace port).
+      attention_impl: ``explicit``, ``xla`` or ``cudnn`` (see
+        `dot_product_attention`).
+      remat: Rematerialise each block in the backward pass (saves memory).
+      head_init_std: Std of the truncated-normal head init (official 0.02); 0
+        gives a zero head, common for fine-tuning.
+      dtype: Compute dtype (e.g. ``jnp.bfloat16``); LayerNorm/BatchNorm
+        statistics and the attention softmax stay in float32.
+      param_dtype: Parameter dtype.
+    """
+
+    spec: CvTSpec = CvTSpec()
+    num_classes: int = 1000
+    act: str = "quick_gelu"
+    attention_impl: str = "explicit"
+    remat: bool = False
+    head_init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False, return_features: bool = False):
+        """Runs the model.
+
+        Args:
+          x: Images ``[B, H, W, in_chans]``.
+          train: Training mode (dropout, stochastic depth, BatchNorm batch
+            statistics; needs a ``dropout`` rng when any rate is non-zero and
+            ``mutable=['batch_stats']``).
+          return_features: Also return a dict of features: ``stage{i}`` token maps
+            ``[B, h_i, w_i, C_i]``, ``cls_token`` (or None) and ``pre_logits``.
+
+        Returns:
+          Logits ``[B, num_classes]`` (pooled features ``[B, C]`` when
+          ``num_classes == 0``), and the feature dict if ``return_features``.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"CvT expects images [batch, height, width, channels], got shape {x.shape}.")
+        if x.shape[-1] != self.spec.in_chans:
+            raise ValueError(
+                f"CvT was built for {self.spec.in_chans}-channel images but got {x.shape[-1]} channels "
+                f"(input shape {x.shape}). Set the spec's in_chans (model override `in_chans`) or "
+                f"convert the images (e.g. grayscale to RGB)."
+            )
+        self.spec.token_grid(x.shape[1], x.shape[2])  # Raises a clear error when too small.
+        x = x.astype(self.dtype)
+        features: dict[str, Any] = {}
+        cls_tok = None
+        for i in range(self.spec.num_stages):
+            x, cls_tok = Stage(
+                self.spec,
+                i,
+                act=self.act,
+                attention_impl=self.attention_impl,
+                remat=self.remat,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"stage{i}",
+            )(x, train)
+            features[f"stage{i}"] = x
+        norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
+        if self.spec.cls_token[-1]:
+            pooled = norm(cls_tok)[:, 0]
+        else:
+            b, h, w, c = x.shape
+            pooled = jnp.mean(norm(x.reshape(b, h * w, c)), axis=1)
+        features["cls_token"] = cls_tok
+        features["pre_logits"] = pooled
+        if self.num_classes > 0:
+            init = dense_init if self.head_init_std == 0.02 else (
+                nn.initializers.truncated_normal(self.head_init_std) if self.head_init_std > 0 else zeros_init
+            )
+            out = nn.Dense(
+                self.num_classes,
+                kernel_init=init,
+                bias_init=zeros_init,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="head",
+            )(pooled)
+        else:
+            out = pooled
+        return (out, features) if return_features else out
+
