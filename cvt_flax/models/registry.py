@@ -129,7 +129,7 @@ def cvt_6_32() -> CvTSpec:
 def cvt_mini() -> CvTSpec:
     """A CPU-sized CvT: 3x3 stride-2 stem, 1-1-2 blocks, widths 32-64-128.
 
-    28x28 inputs give 14x14, 7x7 and 4x4 token grids; about 8M multiply-adds per
+    28x28 inputs give 14x14, 7x7 and 4x4 token grids; about 15M multiply-adds per
     image, so an epoch of Fashion-MNIST takes minutes on two CPU cores.
     """
     return CvTSpec(
