@@ -105,8 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 512
     # Eval batch size (global); follows batch_size unless overridden.
     config.eval_batch_size = config.get_ref("batch_size") * 2
-    # Training length in epochs; `num_train_steps` > 0 overrides it.
-    config.num_epochs = 300
+    # Training length in epochs (fractions allowed, hence a float); `num_train_steps`
+    # > 0 overrides it. Steps per epoch are derived at run time from the train
+    # split's size and batch_size (full batches).
+    config.num_epochs = 300.0
     config.num_train_steps = -1
     # 'adamw' or 'sgd' (momentum, nesterov).
     config.optimizer = "adamw"
@@ -147,6 +149,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Initialise from this checkpoint when the workdir has none: a cvt-flax
     # workdir or checkpoint directory, or the output of `python -m cvt_flax.convert`.
     config.init_from = ""
+    # Fine-tuning configs set this: fail (instead of training from scratch) when
+    # init_from is empty and the workdir has no checkpoint to resume.
+    config.require_init_from = False
     # Restore only evaluate: report test metrics of the latest checkpoint and stop.
     config.eval_only = False
     # Profile a few steps into the workdir (TensorBoard profile plugin).
@@ -155,4 +160,3 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_train_seconds = 0.0
 
     return config
-

@@ -26,6 +26,15 @@ def _pool_out_ceil(n: int, k: int, s: int, p: int) -> int:
     return out
 
 
+def _proj_grid(method: str, h: int, w: int, c: int, k: int, stride: int, pad: int) -> tuple[int, int, float]:
+    """Output grid of a conv projection and its weights per output position."""
+    if method == "dw_bn":
+        return _conv_out(h, k, stride, pad), _conv_out(w, k, stride, pad), float(k * k * c)
+    if method == "avg":
+        return _pool_out_ceil(h, k, stride, pad), _pool_out_ceil(w, k, stride, pad), 0.0
+    return h, w, 0.0
+
+
 def count_macs(
     spec: CvTSpec | str,
     image_size: int | tuple[int, int] = 224,
@@ -62,15 +71,9 @@ def count_macs(
         method = spec.qkv_proj_method[i]
         kq = spec.kernel_qkv[i]
 
-        def proj_grid(m: str, stride: int, pad: int) -> tuple[int, int, float]:
-            if m == "dw_bn":
-                return _conv_out(h, kq, stride, pad), _conv_out(w, kq, stride, pad), float(kq * kq * c)
-            if m == "avg":
-                return _pool_out_ceil(h, kq, stride, pad), _pool_out_ceil(w, kq, stride, pad), 0.0
-            return h, w, 0.0
-
-        hq, wq, conv_q = proj_grid("linear" if method == "avg" else method, spec.stride_q[i], spec.padding_q[i])
-        hk, wk, conv_kv = proj_grid(method, spec.stride_kv[i], spec.padding_kv[i])
+        q_method = "linear" if method == "avg" else method
+        hq, wq, conv_q = _proj_grid(q_method, h, w, c, kq, spec.stride_q[i], spec.padding_q[i])
+        hk, wk, conv_kv = _proj_grid(method, h, w, c, kq, spec.stride_kv[i], spec.padding_kv[i])
         t_q, t_kv = hq * wq + cls, hk * wk + cls
         lin = c * c + (c if spec.qkv_bias[i] else 0)
         hidden = int(c * spec.mlp_ratio[i])
@@ -91,7 +94,9 @@ def count_macs(
     return float(math.fsum(parts.values()))
 
 
-def train_flops_per_image(spec: CvTSpec | str, image_size: int | tuple[int, int] = 224, num_classes: int = 1000) -> float:
+def train_flops_per_image(
+    spec: CvTSpec | str, image_size: int | tuple[int, int] = 224, num_classes: int = 1000
+) -> float:
     """Floating-point operations of one training step per image (forward + backward).
 
     ``2 x MACs`` for the forward pass, twice that for the backward: ``6 x MACs``,

@@ -499,8 +499,10 @@ class CvT(nn.Module):
         features["cls_token"] = cls_tok
         features["pre_logits"] = pooled
         if self.num_classes > 0:
-            init = dense_init if self.head_init_std == 0.02 else (
-                nn.initializers.truncated_normal(self.head_init_std) if self.head_init_std > 0 else zeros_init
+            init = (
+                dense_init
+                if self.head_init_std == 0.02
+                else (nn.initializers.truncated_normal(self.head_init_std) if self.head_init_std > 0 else zeros_init)
             )
             out = nn.Dense(
                 self.num_classes,
@@ -513,4 +515,3 @@ class CvT(nn.Module):
         else:
             out = pooled
         return (out, features) if return_features else out
-

@@ -104,15 +104,10 @@ class CvTSpec:
                 )
         for i, (dim, heads) in enumerate(zip(self.dim_embed, self.num_heads, strict=True)):
             if dim % heads:
-                raise ValueError(
-                    f"Stage {i}: dim_embed={dim} is not divisible by num_heads={heads}."
-                )
+                raise ValueError(f"Stage {i}: dim_embed={dim} is not divisible by num_heads={heads}.")
         for i, method in enumerate(self.qkv_proj_method):
             if method not in PROJECTION_METHODS:
-                raise ValueError(
-                    f"Stage {i}: unknown qkv_proj_method {method!r}; "
-                    f"choose one of {PROJECTION_METHODS}."
-                )
+                raise ValueError(f"Stage {i}: unknown qkv_proj_method {method!r}; choose one of {PROJECTION_METHODS}.")
 
     @property
     def num_stages(self) -> int:
