@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = "bfloat16"
     # Attention kernel: 'explicit' (einsum), 'xla' or 'cudnn' (flash, GPU only).
     config.attention_impl = "explicit"
+    # Depthwise conv of the q/k/v projections: 'conv' (grouped convolution, for
+    # GPU/TPU), 'shift' (sum of shifted slices: same result, ~2x faster training
+    # on CPU), 'auto' ('shift' on the CPU backend, else 'conv').
+    config.depthwise_impl = "auto"
     # Rematerialise blocks in the backward pass (less memory, ~30% more compute).
     config.remat = False
 
@@ -43,8 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     # or 'image_folder' for a `tfds.ImageFolder` tree <data_dir>/<split>/<label>/*.
     config.dataset = "cifar100"
     # TFDS data_dir (where prepared datasets live), or the image-folder root.
-    # None: TFDS's default (~/tensorflow_datasets).
-    config.data_dir = None
+    # None: TFDS's default (~/tensorflow_datasets). A typed placeholder (str or
+    # None), so that --config.data_dir=PATH works on the command line.
+    config.data_dir = ml_collections.config_dict.placeholder(str)
     # Let TFDS download and prepare the dataset when it is not in data_dir.
     config.download = True
     # Splits (TFDS split syntax, e.g. 'train[:90%]').

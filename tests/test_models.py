@@ -291,3 +291,28 @@ def test_quick_gelu():
     np.testing.assert_allclose(models.quick_gelu(x), x / (1 + np.exp(-1.702 * np.asarray(x))), rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown activation"):
         models.get_activation("relu6")
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "size"), [(1, 1, (7, 9)), (2, 1, (8, 8)), (2, 1, (7, 5)), (2, 0, (9, 6))]
+)
+def test_depthwise_shift_equals_conv(stride, padding, size):
+    x = jax.random.normal(jax.random.key(0), (2, *size, 5))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 5))
+    ref = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        ((padding, padding),) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=5,
+    )
+    ours = models.depthwise_conv_shift(x, kernel, stride, padding)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_depthwise_impls_give_same_model():
+    x = jax.random.normal(jax.random.key(1), (2, 20, 20, 3))
+    ref = _tiny()
+    variables = init(ref, x)
+    np.testing.assert_allclose(apply(_tiny(depthwise_impl="shift"), variables, x), apply(ref, variables, x), atol=1e-5)

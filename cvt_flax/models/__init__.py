@@ -6,6 +6,7 @@ from cvt_flax.models.cvt import (
     ConvProjection,
     CvT,
     avg_pool_ceil,
+    depthwise_conv_shift,
     get_activation,
     quick_gelu,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Variant",
     "as_dtype",
     "avg_pool_ceil",
+    "depthwise_conv_shift",
     "create_model",
     "get_activation",
     "get_spec",

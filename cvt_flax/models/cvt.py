@@ -131,6 +131,75 @@ class ConvEmbed(nn.Module):
         return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
 
 
+def depthwise_conv_shift(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    """Depthwise conv as a sum of ``k*k`` strided, shifted slices times per-channel weights.
+
+    Numerically the same as ``lax.conv_general_dilated(..., feature_group_count=C)``
+    (up to summation order); fuses into a few elementwise kernels, which XLA's CPU
+    backend runs much faster than its grouped convolution.
+
+    Args:
+      x: ``[B, H, W, C]``.
+      kernel: ``[k, k, 1, C]`` (flax depthwise layout).
+      stride: Stride.
+      padding: Zero padding on every side.
+    """
+    b, h, w, c = x.shape
+    k = kernel.shape[0]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    oh = (h + 2 * padding - k) // stride + 1
+    ow = (w + 2 * padding - k) // stride + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            patch = jax.lax.slice(
+                xp,
+                (0, i, j, 0),
+                (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                (1, stride, stride, 1),
+            )
+            term = patch * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv without bias; parameter ``kernel`` ``[k, k, 1, C]`` as `nn.Conv`.
+
+    Attributes:
+      kernel_size: Kernel side.
+      stride: Stride.
+      padding: Zero padding.
+      impl: ``conv`` (XLA grouped convolution; cuDNN on GPU) or ``shift`` (sum of
+        shifted slices; faster on CPU).
+    """
+
+    kernel_size: int
+    stride: int
+    padding: int
+    impl: str = "conv"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k, s, p, c = self.kernel_size, self.stride, self.padding, x.shape[-1]
+        kernel = self.param("kernel", conv_init, (k, k, 1, c), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if self.impl == "shift":
+            return depthwise_conv_shift(x, kernel, s, p)
+        if self.impl != "conv":
+            raise ValueError(f"Unknown depthwise_impl {self.impl!r}; choose 'conv' or 'shift'.")
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(s, s),
+            padding=((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=c,
+        )
+
+
 class ConvProjection(nn.Module):
     """Convolutional projection of a token map (before the linear q/k/v projection).
 
@@ -140,12 +209,14 @@ class ConvProjection(nn.Module):
       kernel_size: Kernel of the conv / pool.
       stride: Stride (1 for queries, 2 for the paper's squeezed keys/values).
       padding: Padding.
+      depthwise_impl: ``conv`` or ``shift`` (see `DepthwiseConv`).
     """
 
     method: str
     kernel_size: int
     stride: int
     padding: int
+    depthwise_impl: str = "conv"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -158,17 +229,8 @@ class ConvProjection(nn.Module):
         if self.method != "dw_bn":
             raise ValueError(f"Unknown projection method {self.method!r}.")
         k, s, p = self.kernel_size, self.stride, self.padding
-        x = nn.Conv(
-            x.shape[-1],
-            (k, k),
-            strides=(s, s),
-            padding=((p, p), (p, p)),
-            feature_group_count=x.shape[-1],
-            use_bias=False,
-            kernel_init=conv_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
+        x = DepthwiseConv(
+            k, s, p, impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
         )(x)
         return nn.BatchNorm(
             use_running_average=not train,
@@ -241,6 +303,7 @@ class ConvAttention(nn.Module):
     padding_kv: int = 1
     with_cls_token: bool = False
     attention_impl: str = "explicit"
+    depthwise_impl: str = "conv"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -252,7 +315,11 @@ class ConvAttention(nn.Module):
             cls_tok, x = x[:, :1], x[:, 1:]
         x = x.reshape(b, h, w, c)
         proj = functools.partial(
-            ConvProjection, kernel_size=self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype
+            ConvProjection,
+            kernel_size=self.kernel_size,
+            depthwise_impl=self.depthwise_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         q_method = "linear" if self.method == "avg" else self.method
         q = proj(q_method, stride=self.stride_q, padding=self.padding_q, name="conv_proj_q")(x, train)
@@ -366,6 +433,7 @@ class Stage(nn.Module):
     index: int
     act: str = "quick_gelu"
     attention_impl: str = "explicit"
+    depthwise_impl: str = "conv"
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -401,6 +469,7 @@ class Stage(nn.Module):
             ("padding_kv", s.padding_kv[i]),
             ("with_cls_token", with_cls),
             ("attention_impl", self.attention_impl),
+            ("depthwise_impl", self.depthwise_impl),
         )
         dpr = np.linspace(0.0, s.drop_path_rate[i], s.depth[i]) if s.depth[i] > 0 else []
         block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
@@ -433,6 +502,8 @@ class CvT(nn.Module):
       act: MLP activation: ``quick_gelu`` (official), ``gelu`` (HuggingFace port).
       attention_impl: ``explicit``, ``xla`` or ``cudnn`` (see
         `dot_product_attention`).
+      depthwise_impl: ``conv`` (grouped convolution) or ``shift`` (shifted
+        slices; faster on CPU). Same parameters and results.
       remat: Rematerialise each block in the backward pass (saves memory).
       head_init_std: Std of the truncated-normal head init (official 0.02); 0
         gives a zero head, common for fine-tuning.
@@ -445,6 +516,7 @@ class CvT(nn.Module):
     num_classes: int = 1000
     act: str = "quick_gelu"
     attention_impl: str = "explicit"
+    depthwise_impl: str = "conv"
     remat: bool = False
     head_init_std: float = 0.02
     dtype: Dtype = jnp.float32
@@ -484,6 +556,7 @@ class CvT(nn.Module):
                 i,
                 act=self.act,
                 attention_impl=self.attention_impl,
+                depthwise_impl=self.depthwise_impl,
                 remat=self.remat,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,

@@ -202,6 +202,7 @@ def create_model(
     *,
     act: str = "quick_gelu",
     attention_impl: str = "explicit",
+    depthwise_impl: str = "conv",
     remat: bool = False,
     head_init_std: float = 0.02,
     dtype: Any = jnp.float32,
@@ -215,6 +216,7 @@ def create_model(
       num_classes: Classifier outputs (0: return pooled features).
       act: ``quick_gelu`` (official) or ``gelu`` (HuggingFace port).
       attention_impl: ``explicit``, ``xla`` or ``cudnn``.
+      depthwise_impl: ``conv`` or ``shift`` (faster on CPU; same parameters).
       remat: Rematerialise blocks in the backward pass.
       head_init_std: Std of the head init (0 for a zero head).
       dtype: Compute dtype or its name.
@@ -233,6 +235,7 @@ def create_model(
         num_classes=num_classes,
         act=act,
         attention_impl=attention_impl,
+        depthwise_impl=depthwise_impl,
         remat=remat,
         head_init_std=head_init_std,
         dtype=as_dtype(dtype),

@@ -1,0 +1,347 @@
+"""Device-resident input pipeline (``config.input.pipeline == 'device'``); no TensorFlow anywhere on this path.
+
+The split is read once through ``tfds.data_source`` (ArrayRecord; decoded with PIL) or, for 'image_folder', from
+the image files with PIL, and kept as uint8 arrays replicated on every device of the mesh (small datasets:
+CIFAR-100's train set is 150 MB). Each train batch is then produced on the devices by one jitted function of
+the step: a per-epoch permutation (``fold_in(seed, epoch)``) picks the examples and per-example keys
+``fold_in(fold_in(seed, epoch), index)`` drive the augmentation (pad-crop / random-resized-crop, flip,
+RandAugment, colour jitter, random erasing), so batch k is a pure function of (config, seed, k).
+
+Images of a fixed stored size are kept as they are (resized on the device when ``image_size`` differs);
+images of varying sizes are resized to ``image_size`` on loading (eval ones with the eval crop).
+Every process holds the whole split (the arrays are global replicated arrays).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from cvt_flax.data import augment_jax as aug
+from cvt_flax.data import info as info_lib
+from cvt_flax.data import sharding as sharding_lib
+
+_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_CACHE_MAX = 4
+_CHUNK = 1024
+
+
+def _threads() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def _pil_geometry(img: Any, size: int, mode: str, ratio: float) -> Any:
+    """PIL image -> ``size x size``: plain resize, or (eval) shorter side to floor(size / ratio) + centre crop."""
+    from PIL import Image
+
+    if mode == "center_crop":
+        scale = math.floor(size / ratio) / min(img.size)
+        w, h = max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale))
+        img = img.resize((w, h), Image.BILINEAR)
+        left, top = (w - size) // 2, (h - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return img
+
+
+def _decode(data: bytes | np.ndarray, channels: int, geometry: tuple[int, str, float] | None) -> np.ndarray:
+    """Encoded bytes (or a decoded array) -> uint8 [H, W, channels], with optional PIL geometry."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)) if isinstance(data, bytes) else Image.fromarray(np.squeeze(data))
+    img = img.convert("L" if channels == 1 else "RGB")
+    if geometry is not None:
+        img = _pil_geometry(img, *geometry)
+    arr = np.asarray(img, np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def load_arrays(
+    source: info_lib.Source, ranges: list[info_lib.Range], geometry: tuple[int, str, float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads and decodes the examples of ``ranges`` into (uint8 [N, H, W, C_stored], int32 [N]) numpy arrays.
+
+    Args:
+      source: Opened dataset.
+      ranges: Absolute example ranges.
+      geometry: None to keep the stored size (all images must share it), else (size, 'resize'|'center_crop',
+        ratio) applied with PIL to every image.
+
+    Returns:
+      (images, labels).
+    """
+    key = (source.name, source.data_dir, tuple(ranges), geometry)
+    if key in _CACHE:
+        return _CACHE[key]
+    channels = source.image_shape[2]
+    jobs = []
+    if source.is_image_folder:
+        items = [it for name, a, b in ranges for it in source.files[name][a:b]]
+        for s in range(0, len(items), _CHUNK):
+            chunk = items[s : s + _CHUNK]
+
+            def job(chunk=chunk):
+                imgs = []
+                for path, _ in chunk:
+                    with open(path, "rb") as f:
+                        imgs.append(_decode(f.read(), channels, geometry))
+                return imgs, [lab for _, lab in chunk]
+
+            jobs.append(job)
+    else:
+        import tensorflow_datasets as tfds  # TF-free
+
+        for name, a, b in ranges:
+            ds = source.builder.as_data_source(split=f"{name}[{a}:{b}]", decoders={"image": tfds.decode.SkipDecoding()})
+            for s in range(0, len(ds), _CHUNK):
+                indices = list(range(s, min(s + _CHUNK, len(ds))))
+
+                def job(ds=ds, indices=indices):
+                    exs = ds.__getitems__(indices)
+                    return [_decode(e["image"], channels, geometry) for e in exs], [int(e["label"]) for e in exs]
+
+                jobs.append(job)
+    images, labels = [], []
+    with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:
+        for imgs, labs in pool.map(lambda j: j(), jobs):
+            images.extend(imgs)
+            labels.extend(labs)
+    if not images:
+        raise info_lib.DatasetError(f"No examples in {ranges} of dataset {source.name!r}; check the split.")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise info_lib.DatasetError(
+            f"Images of {source.name!r} have different sizes {sorted(shapes)[:4]}...; the device pipeline needs one "
+            "size (this is a bug: varying sizes should be resized on loading)."
+        )
+    out = (np.stack(images), np.asarray(labels, np.int32))
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = out
+    return out
+
+
+def _setup(config: Any, mesh: Mesh, batch_size: int, what: str):
+    source = info_lib.open_source(config, for_device=True)
+    channels = info_lib.model_channels(config, source.image_shape[2])
+    mean, std = info_lib.normalization_stats(config, source.name, channels)
+    local_batch = info_lib.check_batch_size(batch_size, what, mesh.devices.size, jax.process_count())
+    fixed = source.image_shape[0] is not None and source.image_shape[1] is not None
+    return source, channels, mean, std, local_batch, fixed
+
+
+def _augment_fn(config: Any, channels: int, mean, std):
+    """Per-example augmentation: (key, uint8-valued float [H, W, C_stored]) -> normalised f32 [S, S, C]."""
+    size = int(config.image_size)
+    a = config.aug
+    crop = str(a.get("crop", "pad_crop"))
+    if crop not in ("pad_crop", "random_resized_crop", "resize"):
+        raise ValueError(f"Unknown config.aug.crop={crop!r}; use 'pad_crop', 'random_resized_crop' or 'resize'.")
+    padding = int(a.get("crop_padding", 4))
+    min_scale = float(a.get("crop_min_scale", 0.08))
+    hflip = bool(a.get("hflip", True))
+    ra_layers = int(a.get("randaugment_layers", 0))
+    ra_mag = float(a.get("randaugment_magnitude", 9))
+    jitter = float(a.get("color_jitter", 0.0))
+    erasing = float(a.get("random_erasing", 0.0))
+
+    def fn(key: jax.Array, x: jax.Array) -> jax.Array:
+        x = aug.convert_channels(x, channels)
+        k = jax.random.split(key, 6)
+        if crop == "pad_crop":
+            x = aug.pad_crop(k[0], x, size, padding)
+        elif crop == "random_resized_crop":
+            x = aug.random_resized_crop(k[0], x, size, scale=(min_scale, 1.0))
+        else:
+            x = aug.resize(x, size)
+        if hflip:
+            x = aug.random_flip(k[1], x)
+        if ra_layers > 0:
+            x = aug.randaugment(k[2], x, ra_layers, ra_mag)
+        x = aug.color_jitter(k[3], x, jitter)
+        x = aug.normalize(x, mean, std)
+        return aug.random_erasing(k[4], x, erasing)
+
+    return fn
+
+
+_FN_CACHE: dict[tuple, Any] = {}
+
+
+def _config_key(config: Any) -> tuple:
+    aug_cfg = config.aug.to_dict() if hasattr(config.aug, "to_dict") else dict(config.aug)
+    return (
+        tuple(sorted((k, repr(v)) for k, v in aug_cfg.items())),
+        int(config.image_size),
+        int(config.batch_size),
+        int(config.input.get("shuffle_buffer", 1) or 0) > 1,
+    )
+
+
+def make_train_batch_fn(config: Any, mesh: Mesh, num_examples: int, channels: int, mean, std):
+    """The jitted ``(images, labels, seed, epoch0, offset) -> batch`` of the device pipeline (cached).
+
+    ``epoch0, offset = divmod(step * batch_size, num_examples)``: the batch holds stream positions
+    ``offset .. offset + B - 1`` counted from the start of epoch ``epoch0`` (it may run into later epochs).
+    """
+    key = (_config_key(config), mesh, int(num_examples), channels, tuple(mean), tuple(std))
+    if key in _FN_CACHE:
+        return _FN_CACHE[key]
+    batch = int(config.batch_size)
+    n = int(num_examples)
+    num_perms = batch // n + 2
+    shuffle = int(config.input.get("shuffle_buffer", 1) or 0) > 1
+    augment = _augment_fn(config, channels, mean, std)
+    out_sharding = sharding_lib.batch_sharding(mesh)
+
+    def fn(
+        images: jax.Array, labels: jax.Array, seed: jax.Array, epoch0: jax.Array, offset: jax.Array
+    ) -> dict[str, jax.Array]:
+        base = jax.random.key(seed)
+        order_key = jax.random.fold_in(base, 1)
+        aug_key = jax.random.fold_in(base, 2)
+        pos = offset + jnp.arange(batch, dtype=jnp.int32)
+        rel, index = pos // n, pos % n
+        if shuffle:
+            epochs = epoch0 + jnp.arange(num_perms, dtype=jnp.int32)
+            perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), n))(epochs)
+            idx = perms[rel, index]
+        else:
+            idx = index
+        idx = jax.lax.with_sharding_constraint(idx, out_sharding)
+        x = images[idx].astype(jnp.float32)
+        y = labels[idx]
+        keys = jax.vmap(lambda e, i: jax.random.fold_in(jax.random.fold_in(aug_key, e), i))(epoch0 + rel, index)
+        x = jax.vmap(augment)(keys, x)
+        return {"image": x, "label": y}
+
+    jitted = jax.jit(fn, out_shardings={"image": out_sharding, "label": out_sharding})
+    _FN_CACHE[key] = jitted
+    return jitted
+
+
+def create_train_iterator(
+    config: Any, mesh: Mesh, seed: int | None = None, start_step: int = 0
+) -> Iterator[dict[str, jax.Array]]:
+    """Infinite iterator of global train batches made on the devices (see the module docstring).
+
+    Args:
+      config: Run config.
+      mesh: Device mesh (axis 'data').
+      seed: Seed of order and augmentation (default ``config.seed``).
+      start_step: Index of the first batch.
+
+    Returns:
+      An iterator of {'image': f32 [B, S, S, C], 'label': int32 [B]} global arrays.
+    """
+    seed = int(config.seed if seed is None else seed)
+    source, channels, mean, std, _, fixed = _setup(config, mesh, config.batch_size, "batch_size")
+    geometry = None if fixed else (int(config.image_size), "resize", 1.0)
+    images, labels = load_arrays(source, source.resolve(config.train_split), geometry)
+    n = len(labels)
+    images_dev = sharding_lib.replicate_numpy(images, mesh)
+    labels_dev = sharding_lib.replicate_numpy(labels, mesh)
+    fn = make_train_batch_fn(config, mesh, n, channels, mean, std)
+    batch = int(config.batch_size)
+
+    def steps() -> Iterator[int]:
+        step = int(start_step)
+        while True:
+            yield step
+            step += 1
+
+    def make(step: int) -> dict[str, jax.Array]:
+        epoch0, offset = divmod(step * batch, n)
+        return fn(images_dev, labels_dev, np.uint32(seed & 0xFFFFFFFF), np.int32(epoch0), np.int32(offset))
+
+    return sharding_lib.prefetch(steps(), int(config.input.get("prefetch", 2)), make)
+
+
+def _eval_fn(config: Any, mesh: Mesh, channels: int, mean, std, fixed: bool):
+    size = int(config.image_size)
+    mode = str(config.aug.get("eval_crop", "resize"))
+    if mode not in ("resize", "center_crop"):
+        raise ValueError(f"Unknown config.aug.eval_crop={mode!r}; use 'resize' or 'center_crop'.")
+    ratio = float(config.aug.get("eval_crop_ratio", 0.875))
+    sharding = sharding_lib.batch_sharding(mesh)
+
+    def fn(images: jax.Array) -> jax.Array:
+        x = aug.convert_channels(images.astype(jnp.float32), channels)
+        if fixed and mode == "center_crop":
+            h, w = x.shape[1:3]
+            scale = math.floor(size / ratio) / min(h, w)
+            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+            x = jnp.round(jax.image.resize(x, (x.shape[0], nh, nw, x.shape[-1]), "linear", antialias=True))
+            top, left = (nh - size) // 2, (nw - size) // 2
+            x = x[:, top : top + size, left : left + size]
+        else:
+            x = aug.resize(x, size)
+        return aug.normalize(jnp.clip(x, 0.0, 255.0), mean, std)
+
+    return jax.jit(fn, out_shardings=sharding), mode, ratio
+
+
+class EvalIterable:
+    """Re-iterable over one pass of the eval split: padded, masked global batches (see `cvt_flax.data`)."""
+
+    def __init__(self, config: Any, mesh: Mesh):
+        source, channels, mean, std, local_batch, fixed = _setup(
+            config, mesh, config.eval_batch_size, "eval_batch_size"
+        )
+        fn, mode, ratio = _eval_fn(config, mesh, channels, mean, std, fixed)
+        geometry = None if fixed else (int(config.image_size), mode, ratio)
+        self.images, self.labels = load_arrays(source, source.resolve(config.eval_split), geometry)
+        self.mesh = mesh
+        self.fn = fn
+        self.local_batch = local_batch
+        self.global_batch = int(config.eval_batch_size)
+        self.prefetch = int(config.input.get("prefetch", 2))
+        self.num_examples = len(self.labels)
+        self.num_batches = math.ceil(self.num_examples / self.global_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _local(self, b: int) -> dict[str, np.ndarray]:
+        start = b * self.global_batch + jax.process_index() * self.local_batch
+        stop = min(start + self.local_batch, self.num_examples)
+        n = max(0, stop - start)
+        images = np.zeros((self.local_batch, *self.images.shape[1:]), np.uint8)
+        labels = np.zeros((self.local_batch,), np.int32)
+        mask = np.zeros((self.local_batch,), bool)
+        if n:
+            images[:n] = self.images[start:stop]
+            labels[:n] = self.labels[start:stop]
+            mask[:n] = True
+        return {"image": images, "label": labels, "mask": mask}
+
+    def _convert(self, b: int) -> dict[str, jax.Array]:
+        batch = sharding_lib.to_global(self._local(b), self.mesh)
+        batch["image"] = self.fn(batch["image"])
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        return sharding_lib.prefetch(range(self.num_batches), self.prefetch, self._convert)
+
+
+_EVAL_CACHE: dict[tuple, EvalIterable] = {}
+
+
+def create_eval_iterator(config: Any, mesh: Mesh) -> EvalIterable:
+    """One-pass-per-iter() eval batches {'image', 'label', 'mask'} (see `EvalIterable`)."""
+    key = info_lib.eval_cache_key(config, mesh)
+    if key not in _EVAL_CACHE:
+        if len(_EVAL_CACHE) >= 2:
+            _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
+        _EVAL_CACHE[key] = EvalIterable(config, mesh)
+    return _EVAL_CACHE[key]

@@ -1,0 +1,480 @@
+"""Dataset registry, metadata and split arithmetic (no TensorFlow needed).
+
+Everything here works without TensorFlow: TFDS builders read their metadata
+(``dataset_info.json``) without it, and image folders are scanned with ``os``.
+Both input pipelines (:mod:`cvt_flax.data.tfdata`, :mod:`cvt_flax.data.device`)
+start from :func:`open_source`, which checks that the dataset is there and
+resolves TFDS split strings (``'train[:90%]'``, ``'test[:37]'``) to absolute
+example ranges, so that every pipeline agrees on which examples a split holds
+and on how they are divided between processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+IMAGE_FOLDER = "image_folder"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601-2 luma (PIL's "L" conversion, tf.image.rgb_to_grayscale).
+LUMA = (0.2989, 0.5870, 0.1140)
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used as configured (unknown, not prepared, bad split); the message says the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """What we know about a supported dataset ahead of reading its metadata."""
+
+    num_classes: int
+    mean: tuple[float, ...] | None = None  # on the [0, 1] scale; None: ImageNet's
+    std: tuple[float, ...] | None = None
+    splits: str = "train, test"
+    manual: str | None = None  # manual-download instructions
+
+
+_IMAGENET_MANUAL = (
+    "imagenet2012 needs a manual download: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+    "https://image-net.org (after registering), put them in DIR/downloads/manual/, then run "
+    "`tfds build imagenet2012 --data_dir DIR --manual_dir DIR/downloads/manual` (add `--file_format=array_record` "
+    "for the device pipeline)"
+)
+
+KNOWN_DATASETS: dict[str, _Entry] = {
+    "cifar10": _Entry(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": _Entry(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion_mnist": _Entry(10, (0.2860,), (0.3530,)),
+    "mnist": _Entry(10, (0.1307,), (0.3081,)),
+    "oxford_iiit_pet": _Entry(37),
+    "oxford_flowers102": _Entry(102, splits="train, validation, test"),
+    "cats_vs_dogs": _Entry(2, splits="train only (use e.g. 'train[:90%]' / 'train[90%:]')"),
+    "food101": _Entry(101, splits="train, validation"),
+    "imagenet2012": _Entry(1000, splits="train, validation", manual=_IMAGENET_MANUAL),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the training loop needs to know about the configured dataset.
+
+    Attributes:
+      name: Dataset name (``config.dataset``).
+      num_classes: Number of classes (labels are ``0 .. num_classes - 1``).
+      num_train_examples: Examples in ``config.train_split`` (all processes together).
+      num_eval_examples: Examples in ``config.eval_split`` (all processes together).
+      channels: Channels of the images the model receives (after ``config.num_channels``).
+      class_names: Class names when the dataset has them, else None.
+      source_channels: Channels of the stored images.
+      image_shape: Stored image shape ``(H, W, C)``; ``H``/``W`` are None when they vary.
+      mean: Per-channel normalisation mean (``channels`` values, [0, 1] scale).
+      std: Per-channel normalisation std (``channels`` values, [0, 1] scale).
+    """
+
+    name: str
+    num_classes: int
+    num_train_examples: int
+    num_eval_examples: int
+    channels: int
+    class_names: list[str] | None
+    source_channels: int = 3
+    image_shape: tuple[int | None, int | None, int] = (None, None, 3)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+# A resolved piece of a split: examples [start, stop) of the stored split `name`.
+Range = tuple[str, int, int]
+
+
+@dataclasses.dataclass
+class Source:
+    """An opened dataset: a prepared TFDS builder or a scanned image folder.
+
+    Attributes:
+      name: ``config.dataset``.
+      data_dir: Where it lives (TFDS data_dir or the image-folder root; None: TFDS default).
+      split_sizes: Examples per stored split.
+      class_names: Class names, or None.
+      num_classes: Number of classes.
+      image_shape: Stored image shape (None for sizes that vary).
+      builder: The TFDS builder (None for image folders).
+      files: For image folders: split -> list of (path, label), in `tfds.ImageFolder`'s order.
+    """
+
+    name: str
+    data_dir: str | None
+    split_sizes: dict[str, int]
+    class_names: list[str] | None
+    num_classes: int
+    image_shape: tuple[int | None, int | None, int]
+    builder: Any = None
+    files: dict[str, list[tuple[str, int]]] | None = None
+
+    @property
+    def is_image_folder(self) -> bool:
+        return self.files is not None
+
+    def resolve(self, split: str) -> list[Range]:
+        """Resolves a TFDS split string to absolute example ranges of the stored splits.
+
+        Args:
+          split: TFDS split syntax: ``'train'``, ``'test[:37]'``, ``'train[:90%]+validation'``...
+
+        Returns:
+          The ranges ``(stored_split, start, stop)`` in order.
+
+        Raises:
+          DatasetError: The split names a split the dataset does not have, or a slice out of range.
+        """
+        import tensorflow_datasets as tfds  # TF-free import
+
+        infos = {k: types.SimpleNamespace(num_examples=n, shard_lengths=[n]) for k, n in self.split_sizes.items()}
+        try:
+            instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+        except (ValueError, KeyError, AssertionError) as e:
+            raise DatasetError(
+                f"Split {split!r} of dataset {self.name!r} is not valid ({e}). Its splits are "
+                f"{dict(self.split_sizes)}; set --config.train_split / --config.eval_split to TFDS split syntax "
+                f"over those, e.g. 'train', 'train[:90%]', 'test[:1000]'."
+            ) from e
+        ranges = []
+        for ins in instructions:
+            n = self.split_sizes[ins.splitname]
+            start = 0 if ins.from_ is None else ins.from_
+            stop = n if ins.to is None else ins.to
+            ranges.append((ins.splitname, start, max(start, stop)))
+        return ranges
+
+    def num_examples(self, split: str) -> int:
+        """Number of examples in a split string (all processes)."""
+        return sum(b - a for _, a, b in self.resolve(split))
+
+
+def ranges_to_spec(ranges: Sequence[Range]) -> str:
+    """TFDS split string of absolute ranges (``'train[0:100]+test[5:9]'``); empty ranges are dropped."""
+    return "+".join(f"{n}[{a}:{b}]" for n, a, b in ranges if b > a)
+
+
+def process_ranges(ranges: Sequence[Range], process_index: int, process_count: int) -> list[Range]:
+    """The contiguous share of process ``process_index`` in the concatenation of ``ranges``.
+
+    Shares differ by at most one example; the first ``N % process_count`` processes get one more
+    (the rule of `tfds.even_splits`).
+
+    Args:
+      ranges: Absolute ranges (from `Source.resolve`).
+      process_index: This process.
+      process_count: Number of processes.
+
+    Returns:
+      The ranges of this process's share, in order.
+    """
+    total = sum(b - a for _, a, b in ranges)
+    base, extra = divmod(total, process_count)
+    lo = process_index * base + min(process_index, extra)
+    hi = lo + base + (1 if process_index < extra else 0)
+    out, offset = [], 0
+    for name, a, b in ranges:
+        n = b - a
+        s, e = max(lo, offset), min(hi, offset + n)
+        if e > s:
+            out.append((name, a + s - offset, a + e - offset))
+        offset += n
+    return out
+
+
+def share_sizes(total: int, process_count: int) -> list[int]:
+    """Example counts of each process's share of ``total`` examples (see `process_ranges`)."""
+    base, extra = divmod(total, process_count)
+    return [base + (1 if p < extra else 0) for p in range(process_count)]
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+def _known_names() -> str:
+    return ", ".join([*KNOWN_DATASETS, IMAGE_FOLDER])
+
+
+def _prepare_instructions(name: str, data_dir: str | None, array_record: bool) -> str:
+    shown = data_dir or "~/tensorflow_datasets"
+    entry = KNOWN_DATASETS.get(name)
+    if entry is not None and entry.manual:
+        how = entry.manual.replace("DIR", shown)
+    else:
+        fmt = " --file_format=array_record" if array_record else ""
+        how = (
+            f"on a machine with network, run `tfds build {name} --data_dir {shown}{fmt}` (or "
+            f"`tfds.builder('{name}', data_dir='{shown}').download_and_prepare()`), copy {shown}/{name} here"
+        )
+    return f"To prepare it: {how}; then pass --config.data_dir=<that directory> (and keep --config.download=False)."
+
+
+def open_source(config: Any, *, for_device: bool = False) -> Source:
+    """Opens ``config.dataset``: checks it is known and prepared, reads its metadata.
+
+    Args:
+      config: The run config (``dataset``, ``data_dir``, ``download``).
+      for_device: The caller is the device pipeline (needs the ArrayRecord file format).
+
+    Returns:
+      The opened `Source`.
+
+    Raises:
+      DatasetError: Unknown name, missing/unprepared data (with how to prepare it), bad image folder.
+    """
+    name = str(config.dataset)
+    data_dir = config.get("data_dir") or None
+    if name == IMAGE_FOLDER:
+        return _open_image_folder(data_dir)
+    import tensorflow_datasets as tfds  # TF-free import
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DatasetError(
+            f"Unknown dataset {name!r}. Known: {_known_names()} (any TFDS image-classification dataset name "
+            f"also works). For your own images use --config.dataset=image_folder with --config.data_dir=ROOT "
+            f"holding ROOT/<split>/<class>/*.png|jpg."
+        ) from e
+    if not builder.is_prepared():
+        if not config.get("download", False):
+            raise DatasetError(
+                f"Dataset {name!r} is not prepared in {builder.data_dir} and --config.download is False. "
+                + _prepare_instructions(name, data_dir, for_device)
+            )
+        entry = KNOWN_DATASETS.get(name)
+        if entry is not None and entry.manual:
+            raise DatasetError(f"Dataset {name!r} cannot be downloaded automatically. " + entry.manual)
+        try:
+            kwargs = {"file_format": "array_record"} if for_device else {}
+            builder.download_and_prepare(**kwargs)
+        except Exception as e:  # noqa: BLE001 (network errors come in many types)
+            raise DatasetError(
+                f"Downloading/preparing dataset {name!r} into {builder.data_dir} failed ({type(e).__name__}: {e}). "
+                "This machine may have no network. " + _prepare_instructions(name, data_dir, for_device)
+            ) from e
+    info = builder.info
+    if "image" not in info.features or "label" not in info.features:
+        raise DatasetError(
+            f"Dataset {name!r} has features {list(info.features)}; an image-classification dataset with 'image' and "
+            f"'label' features is needed. Known: {_known_names()}."
+        )
+    if for_device:
+        fmt = getattr(getattr(info, "file_format", None), "value", None)
+        if fmt is not None and fmt != "array_record":
+            raise DatasetError(
+                f"Dataset {name!r} in {builder.data_dir} is stored as {fmt}, but --config.input.pipeline=device "
+                f"reads ArrayRecord through tfds.data_source. Prepare it with `tfds build {name} "
+                f"--file_format=array_record --data_dir DIR` (or convert it: `tfds convert_format --root_data_dir "
+                f"{data_dir or '~/tensorflow_datasets'} --out_file_format array_record`) and pass --config.data_dir, "
+                "or use --config.input.pipeline=tfdata."
+            )
+    label = info.features["label"]
+    names = list(label.names) if getattr(label, "names", None) else None
+    num_classes = int(label.num_classes) if getattr(label, "num_classes", None) else len(names or [])
+    if not num_classes and name in KNOWN_DATASETS:
+        num_classes = KNOWN_DATASETS[name].num_classes
+    shape = tuple(info.features["image"].shape)
+    channels = shape[-1] if len(shape) == 3 and shape[-1] else 3
+    split_sizes = {k: int(v.num_examples) for k, v in info.splits.items()}
+    if not split_sizes:
+        raise DatasetError(
+            f"Dataset {name!r} in {builder.data_dir} has no split metadata (dataset_info.json without splits). "
+            + _prepare_instructions(name, data_dir, for_device)
+        )
+    return Source(
+        name=name,
+        data_dir=data_dir,
+        split_sizes=split_sizes,
+        class_names=names,
+        num_classes=num_classes,
+        image_shape=(shape[0] if len(shape) == 3 else None, shape[1] if len(shape) == 3 else None, channels),
+        builder=builder,
+    )
+
+
+def _open_image_folder(root: str | None) -> Source:
+    """Scans ``root/<split>/<label>/*.{png,jpg,jpeg}`` exactly as `tfds.folder_dataset.ImageFolder` does."""
+    if not root or not os.path.isdir(os.path.expanduser(root)):
+        raise DatasetError(
+            f"--config.dataset=image_folder needs --config.data_dir=ROOT, an existing directory holding "
+            f"ROOT/<split>/<class>/*.png|jpg (e.g. ROOT/train/cat/1.png); got data_dir={root!r}."
+        )
+    root = os.path.expanduser(root)
+
+    def folders(d: str) -> list[str]:
+        return sorted(f for f in os.listdir(d) if os.path.isdir(os.path.join(d, f)))
+
+    split_examples: dict[str, list[tuple[str, str]]] = {}
+    labels: set[str] = set()
+    for split in folders(root):
+        examples = []
+        for label in folders(os.path.join(root, split)):
+            labels.add(label)
+            label_dir = os.path.join(root, split, label)
+            paths = [os.path.join(label_dir, f) for f in os.listdir(label_dir) if f.lower().endswith(_IMAGE_EXTENSIONS)]
+            examples.extend((p, label) for p in sorted(paths))
+        random.Random(split).shuffle(examples)  # tfds.ImageFolder's deterministic order
+        split_examples[split] = examples
+    split_examples = {k: v for k, v in split_examples.items() if v}
+    if not split_examples:
+        raise DatasetError(
+            f"No images found under {root}: --config.dataset=image_folder expects ROOT/<split>/<class>/*.png|jpg "
+            "(e.g. ROOT/train/cat/1.png, ROOT/test/cat/2.png)."
+        )
+    class_names = sorted(labels)
+    index = {c: i for i, c in enumerate(class_names)}
+    files = {k: [(p, index[lab]) for p, lab in v] for k, v in split_examples.items()}
+    first = next(iter(files.values()))[0][0]
+    from PIL import Image
+
+    with Image.open(first) as im:
+        channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    return Source(
+        name=IMAGE_FOLDER,
+        data_dir=root,
+        split_sizes={k: len(v) for k, v in files.items()},
+        class_names=class_names,
+        num_classes=len(class_names),
+        image_shape=(None, None, channels),
+        files=files,
+    )
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def model_channels(config: Any, source_channels: int) -> int:
+    """Channels the model receives: ``config.num_channels`` (1 or 3), or the dataset's own when it is 0."""
+    c = int(config.get("num_channels", 0) or 0)
+    if c == 0:
+        return source_channels
+    if c not in (1, 3):
+        raise DatasetError(
+            f"config.num_channels={c} is not supported; use 3 (grayscale images are tiled), 1 (RGB converted to "
+            "luminance) or 0 (keep the dataset's channels)."
+        )
+    return c
+
+
+def normalization_stats(config: Any, name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) on the [0, 1] scale for ``config.input.normalization``.
+
+    'auto' (or 'dataset'): the dataset's statistics where known (CIFAR, MNIST, Fashion-MNIST), ImageNet's
+    otherwise; 'imagenet'; 'inception' (maps to [-1, 1]); 'none' (maps to [0, 1]).
+    """
+    mode = str(config.input.get("normalization", "auto")).lower()
+    entry = KNOWN_DATASETS.get(name)
+    if mode in ("auto", "dataset"):
+        if entry is not None and entry.mean is not None:
+            mean, std = entry.mean, entry.std
+        elif mode == "dataset":
+            raise DatasetError(
+                f"No known statistics for dataset {name!r}; use --config.input.normalization=auto|imagenet|"
+                "inception|none."
+            )
+        else:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif mode == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif mode == "inception":
+        mean, std = (0.5,), (0.5,)
+    elif mode == "none":
+        mean, std = (0.0,), (1.0,)
+    else:
+        raise DatasetError(
+            f"Unknown config.input.normalization={mode!r}; use 'auto', 'dataset', 'imagenet', 'inception' or 'none'."
+        )
+    return _to_channels(mean, channels), _to_channels(std, channels)
+
+
+def _to_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:  # RGB statistics seen through the luminance conversion (approximately)
+        return (float(np.dot(LUMA, values)),)
+    raise DatasetError(f"Cannot map {len(values)} normalisation values to {channels} channels.")
+
+
+def check_batch_size(batch_size: int, what: str, num_devices: int, process_count: int) -> int:
+    """Checks that a global batch divides over devices and processes; returns the per-process batch.
+
+    Raises:
+      ValueError: It does not; the message names the nearest valid sizes.
+    """
+    batch_size = int(batch_size)
+    unit = int(np.lcm(num_devices, process_count))
+    if batch_size <= 0 or batch_size % unit:
+        lo = max(unit, batch_size // unit * unit)
+        raise ValueError(
+            f"config.{what}={batch_size} must be a positive multiple of the device count ({num_devices}) and the "
+            f"process count ({process_count}); use e.g. --config.{what}={lo} or {lo + unit}."
+        )
+    return batch_size // process_count
+
+
+def eval_cache_key(config: Any, mesh: Any) -> tuple:
+    """Everything an eval pass depends on (train.py creates the eval iterator at every evaluation: reuse it)."""
+    return (
+        str(config.dataset),
+        config.get("data_dir"),
+        str(config.eval_split),
+        int(config.image_size),
+        int(config.get("num_channels", 0) or 0),
+        str(config.input.get("pipeline", "tfdata")),
+        str(config.input.get("normalization", "auto")),
+        bool(config.input.get("cache", False)),
+        int(config.input.get("prefetch", 2)),
+        str(config.aug.get("eval_crop", "resize")),
+        float(config.aug.get("eval_crop_ratio", 0.875)),
+        int(config.eval_batch_size),
+        mesh,
+    )
+
+
+def get_dataset_info(config: Any) -> DatasetInfo:
+    """Returns the `DatasetInfo` of ``config.dataset`` (checks it is known and prepared).
+
+    Args:
+      config: The run config (``dataset``, ``data_dir``, ``download``, ``train_split``, ``eval_split``,
+        ``num_channels``, ``input.normalization``, ``input.pipeline``).
+
+    Returns:
+      The dataset's `DatasetInfo`.
+
+    Raises:
+      DatasetError (a ValueError): Unknown dataset (lists the known ones and 'image_folder'), a dataset that is
+        not prepared (says how to prepare it and to pass --config.data_dir), or a bad split.
+    """
+    for_device = str(config.input.get("pipeline", "tfdata")) == "device"
+    source = open_source(config, for_device=for_device)
+    channels = model_channels(config, source.image_shape[2])
+    mean, std = normalization_stats(config, source.name, channels)
+    return DatasetInfo(
+        name=source.name,
+        num_classes=source.num_classes,
+        num_train_examples=source.num_examples(config.train_split),
+        num_eval_examples=source.num_examples(config.eval_split),
+        channels=channels,
+        class_names=source.class_names,
+        source_channels=source.image_shape[2],
+        image_shape=source.image_shape,
+        mean=mean,
+        std=std,
+    )

@@ -1,0 +1,960 @@
+"""Training and evaluation loop of cvt-flax.
+
+    python main.py --config=configs/fashion_mnist.py:variant=cvt_mini --workdir=/tmp/fmnist
+
+Where a run starts from (in this order):
+
+1. The latest checkpoint in ``<workdir>/checkpoints``: the full train state
+   (step, parameters, optimizer state, BatchNorm statistics, EMA) and the best
+   eval accuracy so far. The data stream is re-created at the restored step, so
+   a run that is stopped (SIGTERM, ``max_train_seconds``) and restarted with the
+   same command ends with the same parameters as one never interrupted.
+2. Else ``config.init_from``: a cvt-flax workdir, one of its checkpoint
+   directories, or a model directory (``model.json``, as written by
+   ``python -m cvt_flax.convert`` or at the end of every run in
+   ``<workdir>/model``). Parameters and BatchNorm statistics are copied; the
+   classifier head is re-initialised when the class count differs; any other
+   difference of architecture is an error that names the mismatched paths. The
+   optimizer and the step start fresh.
+3. Else from scratch (``config.seed``).
+
+A workdir holds::
+
+    checkpoints/<step>/   Orbax checkpoints: the last ``keep_checkpoints`` and the best by eval accuracy
+    model/                the final model (model.json + variables), for fine-tuning and inference
+    metrics.jsonl         metrics history (one JSON object per log/eval)
+    events.out.tfevents*  TensorBoard (clu's writer with TensorFlow, tensorboardX without)
+    config.json           the resolved config
+    curves.png            loss/accuracy curves (train and eval)
+    summary.json          final and best eval metrics, steps, wall time, throughput, config
+    eval.json             written by ``--config.eval_only=True``
+
+A non-finite loss (or non-finite parameters at a checkpoint) stops the run with
+`FloatingPointError`; non-finite states are never saved, so the last good
+checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging as std_logging
+import os
+import pathlib
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+from orbax.checkpoint import checkpoint_managers
+
+from cvt_flax import models, plots, writers
+from cvt_flax import train_utils as tu
+
+PyTree = Any
+
+# XLA options for programs that run once (initialisation) on CPU: skip the slow LLVM passes.
+_CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"
+SUMMARY_FILE = "summary.json"
+EVAL_FILE = "eval.json"
+CONFIG_FILE = "config.json"
+
+
+def _data_module() -> Any:
+    from cvt_flax import data
+
+    return data
+
+
+class _QuietLibraryInfo(std_logging.Filter):
+    """Drops Orbax's INFO/DEBUG records (several lines per save) and one harmless warning.
+
+    The warning is about the item-level metadata file, which `load_init_from` does not need.
+    """
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if "/orbax/" not in record.pathname.replace(os.sep, "/"):
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+def _quiet_library_logs() -> None:
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietLibraryInfo) for f in handler.filters):
+        handler.addFilter(_QuietLibraryInfo())
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks config values that need no dataset (names, divisibility), with messages that say the fix.
+
+    Raises:
+      ValueError: for an unknown model, optimizer or dtype, or batch sizes that do
+        not divide over the devices and processes.
+    """
+    models.get_variant(config.model)  # Names the registered variants when unknown.
+    if config.optimizer.lower() not in tu.OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {config.optimizer!r}; set --config.optimizer to one of {tu.OPTIMIZERS}.")
+    models.as_dtype(config.dtype)
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    for name in ("batch_size", "eval_batch_size"):
+        value = int(config[name])
+        if value <= 0 or value % n_dev or value % n_proc:
+            multiple = n_dev * n_proc // np.gcd(n_dev, n_proc)
+            raise ValueError(
+                f"--config.{name}={value} must be a positive multiple of the device count ({n_dev} devices over "
+                f"{n_proc} process(es)); use e.g. --config.{name}={max(multiple, value // multiple * multiple)}."
+            )
+    for name in ("label_smoothing",):
+        if not 0.0 <= config[name] < 1.0:
+            raise ValueError(f"--config.{name}={config[name]} must be in [0, 1).")
+
+
+def validate_image_size(config: ml_collections.ConfigDict, spec: models.CvTSpec) -> None:
+    """Raises a ValueError naming the smallest image size when the model cannot take ``config.image_size``."""
+    try:
+        spec.token_grid(config.image_size, config.image_size)
+    except ValueError as e:
+        raise ValueError(
+            f"--config.image_size={config.image_size} is too small for model {config.model!r}: {e} "
+            f"(set --config.image_size to at least {spec.min_input_size()})."
+        ) from None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _state_dict(state: tu.TrainState) -> dict[str, Any]:
+    d = flax.serialization.to_state_dict(state)
+    if d.get("ema_params") is None:
+        d.pop("ema_params", None)
+    return d
+
+
+class Checkpoints:
+    """Orbax checkpoints of the train state: the last ``keep`` plus the best by eval accuracy.
+
+    One `ocp.CheckpointManager` with a preservation policy that keeps a checkpoint
+    when either ``LatestN(keep)`` or ``BestN(accuracy, n=1)`` keeps it. Saves are
+    asynchronous and atomic (temporary directory, renamed when complete).
+
+    The state is replicated; Orbax's default "replica-parallel" writing would cut
+    every array into one slice per device with eager ops (seconds per save for a
+    few hundred arrays on 8 devices), so the first replica writes whole arrays.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int):
+        policy = checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=max(1, int(keep))),
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: m["accuracy"], reverse=False, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
+        self.directory = pathlib.Path(directory)
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False))
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_names=("state", "meta"),
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None when there is none)."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: tu.TrainState, meta: Mapping[str, Any], metrics: Mapping[str, float] | None):
+        """Starts an asynchronous save (waits for the previous one first)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.PyTreeSave(_state_dict(state)), meta=ocp.args.JsonSave(dict(meta))),
+            metrics=dict(metrics) if metrics else None,
+            force=True,
+        )
+
+    def restore(
+        self,
+        step: int,
+        abstract_state: tu.TrainState,
+        sharding: jax.sharding.Sharding,
+        expected: Mapping[str, Any] | None = None,
+    ) -> tuple[tu.TrainState, dict[str, Any]]:
+        """Restores ``step`` into the structure of ``abstract_state`` (shapes only), placed with ``sharding``.
+
+        Args:
+          step: The checkpoint step.
+          abstract_state: The train state's structure (``jax.eval_shape`` of its init).
+          sharding: Where the restored arrays go (replicated on the mesh).
+          expected: Model description of this run (``variant``, ``num_classes``,
+            ``spec``); a checkpoint written for another model is refused up front.
+
+        Raises:
+          ValueError: when the checkpoint was written by a different config.
+        """
+        fix = (
+            "Resume with the config that wrote it, or start this config in a new --workdir (use "
+            "--config.init_from to start from those weights)."
+        )
+        where = f"The checkpoint at step {step} in {self.directory}"
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+        for key in ("variant", "num_classes", "spec"):
+            if expected and key in meta and key in expected and _arch(meta[key]) != _arch(expected[key]):
+                raise ValueError(
+                    f"{where} was written for {key} {_arch(meta[key])!r}, but this config has "
+                    f"{_arch(expected[key])!r}. {fix}"
+                )
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _state_dict(abstract_state)
+        )
+        try:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+            )
+        except Exception as e:  # Orbax raises various errors for structure/shape mismatches.
+            raise ValueError(
+                f"{where} does not match this config (a different model, class count, optimizer or EMA setting?): "
+                f"{type(e).__name__}: {str(e)[:2000]}\n{fix}"
+            ) from e
+        state_dict = {"ema_params": None, **restored["state"]}  # _state_dict drops an absent EMA
+        state = flax.serialization.from_state_dict(abstract_state, state_dict)
+        return state, meta
+
+    def wait(self) -> None:
+        """Blocks until pending saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.manager.close()
+
+
+def _arch(value: Any) -> Any:
+    """A spec dict without its regularisation rates (they may change between runs); other values unchanged."""
+    if isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k not in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
+    return value
+
+
+def _restore_raw(step_dir: pathlib.Path) -> dict[str, Any]:
+    """Restores a training checkpoint's ``state`` item as numpy arrays (no target, no devices)."""
+    item = step_dir / "state"
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(item)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _numeric_dirs(path: pathlib.Path) -> list[int]:
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir())
+
+
+_INIT_FROM_HELP = (
+    "Point --config.init_from at a cvt-flax workdir, one of its checkpoints/<step> directories, or a model "
+    "directory with model.json (from `python -m cvt_flax.convert --input WEIGHTS --output DIR`)."
+)
+
+
+def load_init_from(path: str) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    """Loads ``{'params', 'batch_stats'}`` (numpy) and a description of the model from ``init_from``.
+
+    Args:
+      path: A cvt-flax workdir (its latest checkpoint; else its ``model/``), a
+        ``checkpoints`` directory, one ``checkpoints/<step>`` directory, or a model
+        directory with ``model.json`` (converted official/HF weights).
+
+    Returns:
+      ``(variables, info)``; ``info`` has what is known about the architecture
+      (``spec``, ``num_classes``, ``act``, ``variant``/``model``, ``source``).
+
+    Raises:
+      ValueError: when the path holds none of these.
+    """
+    p = pathlib.Path(path).expanduser().absolute()
+    if not p.exists():
+        raise ValueError(f"--config.init_from={path!r} does not exist. {_INIT_FROM_HELP}")
+
+    def from_step_dir(step_dir: pathlib.Path) -> tuple[dict[str, PyTree], dict[str, Any]]:
+        raw = _restore_raw(step_dir)
+        meta_file = step_dir / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        variables = {"params": raw["params"], "batch_stats": raw.get("batch_stats") or {}}
+        meta["source"] = str(step_dir)
+        return variables, meta
+
+    for ckpt_dir in (p / CHECKPOINT_DIR, p):
+        steps = _numeric_dirs(ckpt_dir)
+        if steps:
+            return from_step_dir(ckpt_dir / str(steps[-1]))
+    if (p / "state").is_dir():
+        return from_step_dir(p)
+    for model_dir in (p, p / MODEL_DIR):
+        if (model_dir / "model.json").is_file():
+            from cvt_flax import checkpoint as model_ckpt
+
+            variables, info = model_ckpt.load_model(model_dir)
+            info = dict(info)
+            info.setdefault("source", str(model_dir))
+            return variables, info
+    raise ValueError(f"--config.init_from={path!r} holds no cvt-flax checkpoint or model. {_INIT_FROM_HELP}")
+
+
+def _describe(info: Mapping[str, Any]) -> str:
+    name = info.get("variant") or info.get("model")
+    spec = info.get("spec")
+    parts = []
+    if name:
+        parts.append(f"model {name!r}")
+    elif spec:
+        keys = ("dim_embed", "depth", "num_heads", "patch_size", "patch_stride")
+        parts.append("spec " + ", ".join(f"{k}={spec.get(k)}" for k in keys if k in spec))
+    if "num_classes" in info:
+        parts.append(f"{info['num_classes']} classes")
+    return ", ".join(parts) or "an unknown architecture"
+
+
+def _flat_variables(tree: Mapping[str, PyTree]) -> dict[str, Any]:
+    return traverse_util.flatten_dict({c: dict(tree.get(c) or {}) for c in ("params", "batch_stats")}, sep="/")
+
+
+def check_pretrained(
+    target: Mapping[str, PyTree],
+    loaded: Mapping[str, PyTree],
+    *,
+    info: Mapping[str, Any] | None = None,
+    model_name: str = "",
+    head: str = "head",
+) -> bool:
+    """Checks that pretrained variables fit the model (all but the classifier head).
+
+    Args:
+      target: ``{'params', 'batch_stats'}`` of the model being trained (arrays or
+        ``jax.ShapeDtypeStruct``: only shapes are read).
+      loaded: Pretrained ``{'params', 'batch_stats'}``.
+      info: Description of the pretrained model (for the error message).
+      model_name: ``config.model`` (for the error message).
+      head: Top-level name of the classifier head.
+
+    Returns:
+      Whether the head must be re-initialised (its shapes differ, e.g. another
+      class count, or the checkpoint has none).
+
+    Raises:
+      ValueError: naming the missing, unexpected and shape-mismatched paths when
+        the architectures differ anywhere but the head, and how to fix it.
+    """
+    flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
+
+    def is_head(key: str) -> bool:
+        return key.split("/")[1] == head
+
+    stem = "params/stage0/patch_embed/proj/kernel"
+    chans = {k: tuple(np.shape(v) if isinstance(v, np.ndarray) else v.shape)[2:3] for k, v in
+             (("model", flat_t.get(stem)), ("checkpoint", flat_l.get(stem))) if v is not None}  # fmt: skip
+    head_keys = [k for k in flat_t if is_head(k)]
+    head_ok = all(k in flat_l and tuple(np.shape(flat_l[k])) == tuple(flat_t[k].shape) for k in head_keys)
+    missing = [k for k in flat_t if not is_head(k) and k not in flat_l]
+    mismatched = [
+        f"{k}: checkpoint {tuple(np.shape(flat_l[k]))} vs model {tuple(v.shape)}"
+        for k, v in flat_t.items()
+        if not is_head(k) and k in flat_l and tuple(np.shape(flat_l[k])) != tuple(v.shape)
+    ]
+    unexpected = [k for k in flat_l if k not in flat_t and not is_head(k)]
+    if missing or mismatched or unexpected:
+
+        def listing(items: list[str]) -> str:
+            shown = "\n    ".join(items[:12])
+            more = f"\n    ... and {len(items) - 12} more" if len(items) > 12 else ""
+            return shown + more
+
+        lines = [
+            f"The init_from checkpoint ({_describe(info or {})}) does not match model {model_name!r} "
+            f"({len(mismatched)} shape mismatches, {len(missing)} missing, {len(unexpected)} unexpected):"
+        ]
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}):\n    {listing(mismatched)}")
+        if missing:
+            lines.append(f"  in the model but not in the checkpoint ({len(missing)}):\n    {listing(missing)}")
+        if unexpected:
+            lines.append(f"  in the checkpoint but not in the model ({len(unexpected)}):\n    {listing(unexpected)}")
+        if len(chans) == 2 and chans["model"] != chans["checkpoint"]:
+            lines.append(
+                f"  The checkpoint takes {chans['checkpoint'][0]}-channel images, the model "
+                f"{chans['model'][0]}: set --config.num_channels={chans['checkpoint'][0]}."
+            )
+        name = (info or {}).get("variant") or (info or {}).get("model")
+        hint = f" (the checkpoint says {name!r})" if name else ""
+        lines.append(
+            f"Set --config.model to the checkpoint's architecture{hint}, or choose another --config.init_from."
+        )
+        raise ValueError("\n".join(lines))
+    return not head_ok
+
+
+def merge_pretrained(
+    target: Mapping[str, PyTree],
+    loaded: Mapping[str, PyTree],
+    *,
+    info: Mapping[str, Any] | None = None,
+    model_name: str = "",
+    head: str = "head",
+) -> tuple[dict[str, PyTree], bool]:
+    """Copies pretrained variables into freshly initialised ones, keeping the fresh head when it differs.
+
+    Args:
+      target: Fresh ``{'params', 'batch_stats'}`` of the model being trained (numpy).
+      loaded: Pretrained ``{'params', 'batch_stats'}``.
+      info: Description of the pretrained model (for error messages).
+      model_name: ``config.model`` (for error messages).
+      head: Top-level name of the classifier head.
+
+    Returns:
+      ``(variables, head_reinitialised)``; values take ``target``'s dtypes.
+
+    Raises:
+      ValueError: as `check_pretrained`.
+    """
+    head_reinit = check_pretrained(target, loaded, info=info, model_name=model_name, head=head)
+    flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
+    out = {}
+    for k, v in flat_t.items():
+        keep_fresh = head_reinit and k.split("/")[1] == head
+        out[k] = np.asarray(v) if keep_fresh else np.asarray(flat_l[k]).astype(np.asarray(v).dtype)
+    return traverse_util.unflatten_dict(out, sep="/"), head_reinit
+
+
+# ----------------------------------------------------------------------------- run helpers
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        del frame
+        logging.warning("Received signal %d: saving a checkpoint and stopping after this step.", signum)
+        self.requested = True
+
+    def install(self) -> _StopFlag:
+        """Handles SIGTERM from now on (only possible in the main thread; elsewhere a no-op)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            self._installed = True
+        return self
+
+    def uninstall(self) -> None:
+        """Restores the previous SIGTERM handler."""
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+
+def _any_process(flag: bool) -> bool:
+    """True when ``flag`` is set on any process (a collective; call on every process)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
+class History:
+    """Append-only metrics history (``metrics.jsonl``), written by the first process."""
+
+    def __init__(self, path: pathlib.Path, enabled: bool, keep_up_to_step: int | None):
+        self.path = path
+        self.enabled = enabled
+        if enabled and path.exists():
+            # Entries after the restored step belong to a run that was interrupted
+            # before its next checkpoint; the resumed run writes them again.
+            limit = -1 if keep_up_to_step is None else keep_up_to_step
+            kept = [r for r in plots.read_history(path) if r.get("step", 0) <= limit]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Adds one record (a JSON line)."""
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(dict(record)) + "\n")
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic | np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return traverse_util.flatten_dict(config.to_dict(), sep=".")
+
+
+def _nonfinite_error(what: str, step: int, last_good: int | None, config: ml_collections.ConfigDict) -> str:
+    kept = (
+        f"The last good checkpoint (step {last_good}) is kept in the workdir; a restart resumes from it."
+        if last_good is not None
+        else "No checkpoint had been saved yet."
+    )
+    return (
+        f"{what} at step {step}: training diverged. {kept} Lower --config.learning_rate (now "
+        f"{config.learning_rate}), keep gradient clipping on (--config.grad_clip_norm=1.0, now "
+        f"{config.grad_clip_norm}), add warmup (--config.warmup_epochs) or compute in float32 "
+        f"(--config.dtype=float32, now {config.dtype})."
+    )
+
+
+def _model_info(config: ml_collections.ConfigDict, spec: models.CvTSpec, num_classes: int) -> dict[str, Any]:
+    return {
+        "variant": config.model,
+        "model": config.model,
+        "spec": spec.to_dict(),
+        "num_classes": int(num_classes),
+        "act": config.act,
+        "image_size": int(config.image_size),
+        "dataset": config.dataset,
+    }
+
+
+def _periodic_actions(config: ml_collections.ConfigDict, writer: Any, total_steps: int, workdir: str) -> list[Any]:
+    """Periodic actions: clu's ReportProgress/Profile when clu.periodic_actions imports, else a profiler."""
+    actions: list[Any] = []
+    try:
+        from clu import periodic_actions
+    except Exception:  # TensorFlow/TensorBoard missing.
+        periodic_actions = None
+    if periodic_actions is not None and jax.process_index() == 0:
+        actions.append(
+            periodic_actions.ReportProgress(
+                num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+            )
+        )
+        if config.profile:
+            actions.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+    elif config.profile and jax.process_index() == 0:
+        actions.append(_Profiler(os.path.join(workdir, "profile")))
+    return actions
+
+
+class _Profiler:
+    """Traces 5 steps (from the 10th after the start) with ``jax.profiler`` (TensorBoard profile plugin)."""
+
+    def __init__(self, logdir: str, first: int = 10, num: int = 5):
+        self.logdir, self.first, self.num = logdir, first, num
+        self._start: int | None = None
+        self._active = False
+
+    def __call__(self, step: int) -> None:
+        if self._start is None:
+            self._start = step
+        if not self._active and step == self._start + self.first:
+            jax.profiler.start_trace(self.logdir)
+            self._active = True
+        elif self._active and step == self._start + self.first + self.num:
+            jax.profiler.stop_trace()
+            self._active = False
+            logging.info("Wrote a profile to %s.", self.logdir)
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates a CvT as ``config`` says; resumable and preemption-safe.
+
+    Args:
+      config: The run config (see ``configs/default.py``).
+      workdir: Directory for checkpoints, logs, metrics, curves and the summary.
+
+    Returns:
+      The summary (also written to ``<workdir>/summary.json``); with
+      ``config.eval_only`` the eval metrics (also ``<workdir>/eval.json``).
+    """
+    t_start = time.time()
+    _quiet_library_logs()
+    data = _data_module()
+    validate_config(config)
+    workdir_path = pathlib.Path(workdir).expanduser().absolute()
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    mesh = tu.create_mesh()
+    info = data.get_dataset_info(config)
+    in_chans = int(info.channels)
+    num_classes = int(info.num_classes)
+    model = tu.create_model(config, num_classes, in_chans)
+    spec = model.spec
+    validate_image_size(config, spec)
+    run = tu.derive_run_length(config, info.num_train_examples)
+    schedule = tu.create_learning_rate_schedule(config, run)
+    tx = tu.create_optimizer(config, schedule)
+    logging.info(
+        "Dataset %s: %d classes, %d train / %d eval examples, %d channel(s) at %dx%d. Model %s (%s), %d devices, "
+        "%d process(es).",
+        info.name, num_classes, info.num_train_examples, info.num_eval_examples, in_chans, config.image_size,
+        config.image_size, config.model, config.dtype, jax.device_count(), jax.process_count(),
+    )  # fmt: skip
+    logging.info(
+        "Run: %d steps (%.2f epochs of %d steps), batch %d, peak lr %.3g, warmup %d steps, eval every %d, "
+        "checkpoint every %d steps.",
+        run.total_steps, run.total_steps / run.steps_per_epoch, run.steps_per_epoch, config.batch_size,
+        tu.peak_learning_rate(config), run.warmup_steps, run.eval_every_steps, run.checkpoint_every_steps,
+    )  # fmt: skip
+
+    root_rng = jax.random.PRNGKey(config.seed)
+    init_rng, dropout_rng = jax.random.fold_in(root_rng, 0), jax.random.fold_in(root_rng, 1)
+    rep = tu.replicated_sharding(mesh)
+
+    def init_fn(rng: jax.Array) -> tu.TrainState:
+        variables = tu.init_variables(model, rng, config.image_size, in_chans)
+        return tu.create_train_state(model, tx, variables, config.ema_decay)
+
+    # Initialisation runs once: on CPU, compile it without LLVM's expensive passes
+    # (random initialisers make a large program; this cuts its compile time ~3x).
+    init_opts = _CHEAP_COMPILE if jax.default_backend() == "cpu" else None
+    init_state = jax.jit(init_fn, out_shardings=rep, compiler_options=init_opts)
+    abstract_state = jax.eval_shape(init_fn, init_rng)  # Shapes only: nothing compiled yet.
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    macs = _safe_macs(spec, config.image_size, num_classes)
+    logging.info("Parameters: %s; %.3f GMACs per image at %d px.", f"{num_params:,}", macs / 1e9, config.image_size)
+
+    ckpts = Checkpoints(workdir_path / CHECKPOINT_DIR, config.keep_checkpoints)
+    best = {"accuracy": -1.0, "step": -1}
+    latest = ckpts.latest_step()
+    # SIGTERM from here on (compilation included) stops the run cleanly after its next step, with a checkpoint.
+    stop_flag = _StopFlag().install()
+    try:
+        if config.eval_only and latest is None and not config.init_from:
+            raise ValueError(
+                f"--config.eval_only=True needs weights: {workdir_path} has no checkpoint and "
+                f"--config.init_from is empty. {_INIT_FROM_HELP}"
+            )
+        if latest is not None:
+            expected = _model_info(config, spec, num_classes)
+            state, meta = ckpts.restore(latest, abstract_state, rep, expected=expected)
+            best = {"accuracy": float(meta.get("best_accuracy", -1.0)), "step": int(meta.get("best_step", -1))}
+            logging.info("Resumed from %s at step %d.", ckpts.directory / str(latest), int(state.step))
+        elif config.init_from:
+            # Load and check the architecture before compiling anything (mismatches fail fast).
+            loaded, init_info = load_init_from(config.init_from)
+            abstract_vars = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
+            check_pretrained(abstract_vars, loaded, info=init_info, model_name=config.model)
+            state = _apply_init_from(config, init_state(init_rng), mesh, loaded, init_info)
+        elif config.get("require_init_from", False):
+            raise ValueError(
+                f"This config fine-tunes a pretrained model but --config.init_from is empty and {workdir_path} has "
+                f"no checkpoint to resume. {_INIT_FROM_HELP}"
+            )
+        else:
+            logging.info("Starting from scratch (seed %d).", config.seed)
+            state = init_state(init_rng)
+        if is_main:
+            _log_parameter_overview(state.params)
+
+        eval_fn = tu.make_eval_step(mesh, model.apply)
+        if config.eval_only:
+            eval_metrics = tu.evaluate(eval_fn, state.eval_variables(), data.create_eval_iterator(config, mesh))
+            result = {
+                "step": int(state.step),
+                "dataset": config.dataset,
+                "split": config.eval_split,
+                "model": config.model,
+                "source": str(ckpts.directory / str(latest)) if latest is not None else config.init_from,
+                **eval_metrics,
+            }
+            logging.info(
+                "Eval (%s, %d examples): loss %.4f, top-1 %.4f, top-5 %.4f.", config.eval_split,
+                eval_metrics["count"], eval_metrics["loss"], eval_metrics["accuracy"], eval_metrics["top5_accuracy"],
+            )  # fmt: skip
+            if is_main:
+                _write_json(workdir_path / EVAL_FILE, result)
+            return result
+
+        return _train_loop(
+            config, workdir_path, state, model, mesh, run, schedule, ckpts, best, eval_fn, dropout_rng, info,
+            num_params, macs, t_start, stop_flag,
+        )  # fmt: skip
+    finally:
+        stop_flag.uninstall()
+        ckpts.close()
+
+
+def _safe_macs(spec: models.CvTSpec, image_size: int, num_classes: int) -> float:
+    from cvt_flax import flops
+
+    return float(flops.count_macs(spec, image_size, num_classes))
+
+
+def _log_parameter_overview(params: PyTree) -> None:
+    try:
+        from clu import parameter_overview
+
+        parameter_overview.log_parameter_overview(params)
+    except Exception as e:  # The overview is a convenience only.
+        logging.info("No parameter overview (%s).", e)
+
+
+def _apply_init_from(
+    config: ml_collections.ConfigDict,
+    state: tu.TrainState,
+    mesh: Any,
+    loaded: Mapping[str, PyTree],
+    info: Mapping[str, Any],
+) -> tu.TrainState:
+    """Copies checked pretrained variables into a freshly initialised state (new head when needed)."""
+    target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    merged, head_reinit = merge_pretrained(target, loaded, info=info, model_name=config.model)
+    act = info.get("act")
+    if act and act != config.act:
+        logging.warning(
+            "init_from was trained with activation %r but --config.act=%r; the weights fit but the function "
+            "differs. Set --config.act=%s to fine-tune the same network.",
+            act, config.act, act,
+        )  # fmt: skip
+    if head_reinit:
+        logging.info(
+            "init_from: new classifier head (checkpoint: %s classes, now %s).",
+            info.get("num_classes", "?"), merged["params"]["head"]["kernel"].shape[-1],
+        )  # fmt: skip
+    merged = tu.replicate(merged, mesh)
+    state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
+    if state.ema_params is not None:
+        state = state.replace(ema_params=merged["params"])
+    logging.info("Initialised from %s (%s).", info.get("source", config.init_from), _describe(info))
+    return state
+
+
+def _train_loop(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    state: tu.TrainState,
+    model: Any,
+    mesh: Any,
+    run: tu.RunLength,
+    schedule: Any,
+    ckpts: Checkpoints,
+    best: dict[str, Any],
+    eval_fn: Any,
+    dropout_rng: jax.Array,
+    info: Any,
+    num_params: int,
+    macs: float,
+    t_start: float,
+    stop_flag: _StopFlag,
+) -> dict[str, Any]:
+    data = _data_module()
+    is_main = jax.process_index() == 0
+    start_step = int(state.step)
+    num_classes = int(info.num_classes)
+    history = History(workdir / plots.HISTORY_FILE, is_main, start_step if start_step > 0 else None)
+    writer = writers.create_default_writer(workdir, just_logging=not is_main)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in _flat_config(config).items() if v is not None})
+    if is_main:
+        _write_json(workdir / CONFIG_FILE, config.to_dict())
+
+    aug = config.aug
+    mix_fn = None
+    if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
+        mix_fn = functools.partial(_mix, aug=aug, mix_batch=data.mix_batch)
+    train_step = tu.make_train_step(
+        mesh,
+        base_rng=dropout_rng,
+        num_classes=num_classes,
+        label_smoothing=float(config.label_smoothing),
+        schedule=schedule,
+        mix_fn=mix_fn,
+        ema_decay=float(config.ema_decay),
+    )
+    actions = _periodic_actions(config, writer, run.total_steps, str(workdir))
+    reporter = writers.ProgressReporter(run.total_steps, config.batch_size, start_step)
+    model_info = _model_info(config, model.spec, num_classes)
+    last_eval: dict[str, float] | None = None
+    status = "completed"
+    step = start_step
+    t_loop = time.time()
+
+    def meta(step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "epoch": step / run.steps_per_epoch,
+            "best_accuracy": best["accuracy"],
+            "best_step": best["step"],
+            **model_info,
+        }
+
+    def save(step: int, eval_metrics: Mapping[str, float] | None) -> None:
+        if not bool(tu.tree_all_finite(state.params)):
+            raise FloatingPointError(_nonfinite_error("Non-finite parameters", step, ckpts.latest_step(), config))
+        with reporter.timed("checkpoint"):
+            ckpts.save(step, state, meta(step), {"accuracy": eval_metrics["accuracy"]} if eval_metrics else None)
+
+    train_iter = data.create_train_iterator(config, mesh, seed=config.seed, start_step=start_step)
+    if start_step >= run.total_steps:
+        logging.info("The checkpoint is at step %d, the end of the run: nothing to train.", start_step)
+    train_metrics = None
+    for step in range(start_step + 1, run.total_steps + 1):
+        batch = next(train_iter)
+        state, metrics = train_step(state, batch)
+        train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
+        for action in actions:
+            action(step)
+        is_last = step == run.total_steps
+        epoch = step / run.steps_per_epoch
+
+        if step % run.log_every_steps == 0 or is_last:
+            values = {k: float(v) for k, v in train_metrics.compute().items()}
+            train_metrics = None
+            if not np.isfinite(values["loss"]):
+                what = f"Non-finite training loss ({values['loss']})"
+                raise FloatingPointError(_nonfinite_error(what, step, ckpts.latest_step(), config))
+            speed = reporter.report(step)
+            writer.write_scalars(
+                step,
+                {f"train/{k}": v for k, v in values.items()}
+                | {"train/steps_per_sec": speed["steps_per_sec"], "train/images_per_sec": speed["images_per_sec"],
+                   "epoch": epoch},
+            )  # fmt: skip
+            history.append({"step": step, "epoch": epoch, "split": "train", **values, **speed})
+            logging.info(
+                "step %d/%d (epoch %.2f) | loss %.4f  acc %.4f  lr %.3g  grad-norm %.3g | %.2f steps/s, "
+                "%.0f img/s, ETA %s",
+                step, run.total_steps, epoch, values["loss"], values["accuracy"], values["learning_rate"],
+                values["grad_norm"], speed["steps_per_sec"], speed["images_per_sec"],
+                writers.format_duration(speed["eta_seconds"]),
+            )  # fmt: skip
+
+        # Stop requests are combined over processes at log steps (every step on one process).
+        stop = False
+        if jax.process_count() == 1 or step % run.log_every_steps == 0 or is_last:
+            timed_out = config.max_train_seconds > 0 and time.time() - t_loop > config.max_train_seconds
+            preempted = _any_process(stop_flag.requested)
+            stop = (preempted or _any_process(timed_out)) and not is_last
+            if stop:
+                status = "preempted" if preempted else "time_limit"
+
+        eval_metrics = None
+        if step % run.eval_every_steps == 0 or is_last:
+            with reporter.timed("eval"):
+                eval_metrics = tu.evaluate(eval_fn, state.eval_variables(), data.create_eval_iterator(config, mesh))
+            last_eval = {"step": step, **eval_metrics}
+            if eval_metrics["accuracy"] > best["accuracy"]:
+                best = {"accuracy": eval_metrics["accuracy"], "step": step}
+            writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items() if k != "count"})
+            history.append({"step": step, "epoch": epoch, "split": "eval", **eval_metrics})
+            logging.info(
+                "eval at step %d (epoch %.2f): loss %.4f  top-1 %.4f  top-5 %.4f  (best top-1 %.4f at step %d)",
+                step, epoch, eval_metrics["loss"], eval_metrics["accuracy"], eval_metrics["top5_accuracy"],
+                best["accuracy"], best["step"],
+            )  # fmt: skip
+
+        if step % run.checkpoint_every_steps == 0 or is_last or stop:
+            save(step, eval_metrics)
+        if stop:
+            logging.warning("Stopped at step %d (%s); restart the same command to resume.", step, status)
+            break
+    writer.flush()
+    ckpts.wait()
+    final_step = int(state.step)
+    if status == "completed":
+        _export_model(workdir / MODEL_DIR, state, model_info)
+
+    wall = time.time() - t_start
+    summary = {
+        "status": status,
+        "step": final_step,
+        "total_steps": run.total_steps,
+        "epochs": final_step / run.steps_per_epoch,
+        "steps_per_epoch": run.steps_per_epoch,
+        "final_eval": last_eval,
+        "best_eval": best if best["step"] >= 0 else None,
+        "wall_time_s": wall,
+        "train_time_s": reporter.train_time,
+        "eval_time_s": reporter.sections.get("eval", 0.0),
+        # Throughput without the first log window (compilation), eval and checkpoint time.
+        "train_images_per_sec": reporter.steady_images_per_sec(),
+        "num_params": num_params,
+        "gmacs_per_image": macs / 1e9,
+        "model": config.model,
+        "dataset": config.dataset,
+        "num_classes": num_classes,
+        "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "resumed_from_step": start_step,
+        "config": config.to_dict(),
+    }
+    if is_main:
+        _write_json(workdir / SUMMARY_FILE, summary)
+        try:
+            title = f"{config.model} on {config.dataset}"
+            plots.plot_curves(workdir / plots.HISTORY_FILE, workdir / plots.CURVES_FILE, title=title)
+        except Exception as e:  # Plotting must never fail a finished run.
+            logging.warning("Could not draw the curves: %s", e)
+    writer.close()
+    logging.info(
+        "Done (%s): step %d, final top-1 %s, best top-1 %s, %.1f s.", status, final_step,
+        f"{last_eval['accuracy']:.4f}" if last_eval else "-", f"{best['accuracy']:.4f}" if best["step"] >= 0 else "-",
+        wall,
+    )  # fmt: skip
+    return summary
+
+
+def _mix(rng: jax.Array, images: jax.Array, targets: jax.Array, *, aug: Any, mix_batch: Any) -> Any:
+    return mix_batch(rng, images, targets, aug)
+
+
+def _export_model(directory: pathlib.Path, state: tu.TrainState, model_info: Mapping[str, Any]) -> None:
+    """Writes the final model (eval variables) as a model checkpoint, for `init_from` and inference."""
+    try:
+        from cvt_flax import checkpoint as model_ckpt
+    except ImportError:
+        return
+    variables = jax.device_get(state.eval_variables())
+    model_ckpt.save_model(directory, variables, {**model_info, "source": "cvt-flax training"})
+    logging.info("Exported the final model to %s.", directory)
+
+
+__all__ = [
+    "Checkpoints",
+    "check_pretrained",
+    "load_init_from",
+    "merge_pretrained",
+    "train_and_evaluate",
+    "validate_config",
+    "validate_image_size",
+]
