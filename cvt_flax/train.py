@@ -111,6 +111,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.optimizer.lower() not in tu.OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; set --config.optimizer to one of {tu.OPTIMIZERS}.")
     models.as_dtype(config.dtype)
+    tu.resolve_depthwise_impl(config.get("depthwise_impl", "auto"))
     n_dev, n_proc = jax.device_count(), jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
         value = int(config[name])

@@ -308,6 +308,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shared_dir, tm
         ({"batch_size": 12}, ValueError, r"--config.batch_size=12 must be a positive multiple of the device count"),
         ({"optimizer": "lamb"}, ValueError, r"Unknown optimizer 'lamb'"),
         ({"dtype": "float8"}, ValueError, r"Unknown dtype 'float8'"),
+        ({"depthwise_impl": "fft"}, ValueError, r"Unknown depthwise_impl 'fft'.*--config.depthwise_impl"),
         ({"require_init_from": True}, ValueError, r"--config.init_from is empty"),
         ({"eval_only": True}, ValueError, r"eval_only=True needs weights"),
         ({"init_from": "/nonexistent/ckpt"}, ValueError, r"init_from='/nonexistent/ckpt' does not exist"),

@@ -32,7 +32,8 @@ BASE_ENV = {
     "PYTHONPATH": str(REPO),
     "JAX_PLATFORMS": "cpu",
     "TF_CPP_MIN_LOG_LEVEL": "3",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    # 4 CPU devices per process; LLVM at -O0 compiles ~40% faster (4 steps need no fast code).
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
     "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
 }
