@@ -16,7 +16,7 @@ import os
 import random
 import types
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -410,6 +410,39 @@ def _to_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:
     if channels == 1:  # RGB statistics seen through the luminance conversion (approximately)
         return (float(np.dot(LUMA, values)),)
     raise DatasetError(f"Cannot map {len(values)} normalisation values to {channels} channels.")
+
+
+class TrainAug(NamedTuple):
+    """Train-time augmentation settings read from ``config.image_size`` and ``config.aug``."""
+
+    size: int
+    crop: str
+    padding: int
+    min_scale: float
+    hflip: bool
+    ra_layers: int
+    ra_magnitude: float
+    color_jitter: float
+    random_erasing: float
+
+
+def train_aug_settings(config: Any) -> TrainAug:
+    """The train augmentation settings shared by the tf.data and device pipelines (validated)."""
+    a = config.aug
+    crop = str(a.get("crop", "pad_crop"))
+    if crop not in ("pad_crop", "random_resized_crop", "resize"):
+        raise ValueError(f"Unknown config.aug.crop={crop!r}; use 'pad_crop', 'random_resized_crop' or 'resize'.")
+    return TrainAug(
+        size=int(config.image_size),
+        crop=crop,
+        padding=int(a.get("crop_padding", 4)),
+        min_scale=float(a.get("crop_min_scale", 0.08)),
+        hflip=bool(a.get("hflip", True)),
+        ra_layers=int(a.get("randaugment_layers", 0)),
+        ra_magnitude=float(a.get("randaugment_magnitude", 9)),
+        color_jitter=float(a.get("color_jitter", 0.0)),
+        random_erasing=float(a.get("random_erasing", 0.0)),
+    )
 
 
 def check_batch_size(batch_size: int, what: str, num_devices: int, process_count: int) -> int:

@@ -116,18 +116,7 @@ def _setup(config: Any, mesh: Mesh, batch_size: int, what: str):
 
 
 def _train_augment_fn(config: Any, mean, std, aug_base: int, reader: _Reader, decode: bool):
-    size = int(config.image_size)
-    a = config.aug
-    crop = str(a.get("crop", "pad_crop"))
-    if crop not in ("pad_crop", "random_resized_crop", "resize"):
-        raise ValueError(f"Unknown config.aug.crop={crop!r}; use 'pad_crop', 'random_resized_crop' or 'resize'.")
-    padding = int(a.get("crop_padding", 4))
-    min_scale = float(a.get("crop_min_scale", 0.08))
-    hflip = bool(a.get("hflip", True))
-    ra_layers = int(a.get("randaugment_layers", 0))
-    ra_mag = float(a.get("randaugment_magnitude", 9))
-    jitter = float(a.get("color_jitter", 0.0))
-    erasing = float(a.get("random_erasing", 0.0))
+    size, crop, padding, min_scale, hflip, ra_layers, ra_mag, jitter, erasing = info_lib.train_aug_settings(config)
 
     @_no_ag
     def fn(pos: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
