@@ -35,7 +35,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
-from benchmarks import _util  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -196,56 +196,58 @@ def device_fed_ratio(
       ``{'real_steps_per_s', 'synthetic_steps_per_s', 'ratio', ...}``.
     """
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from benchmarks import throughput
     from cvt_flax import data
-    from cvt_flax.models import create_model
+    from cvt_flax import train_utils as tu
 
     cfg = config.copy_and_resolve_references()
     cfg.batch_size = batch
+    cfg.model = model_name
+    cfg.dtype = dtype
+    cfg.num_train_steps = 10_000
     dev = jax.devices()[0]
-    mesh = Mesh(np.array([dev]), ("data",))
-    channels = data.get_dataset_info(cfg).channels
-    model = create_model(model_name, num_classes=10, dtype=dtype, in_chans=channels)
-    tx = throughput.make_optimizer()
-    step = throughput.make_train_step(model, tx)
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    state = throughput.init_state(model, tx, int(cfg.image_size), channels)
+    mesh = tu.create_mesh([dev])
+    info = data.get_dataset_info(cfg)
+    # The training loop's own program (model, optimizer, jitted train step).
+    program = tu.build_program(
+        cfg, mesh, num_classes=info.num_classes, in_chans=info.channels, num_train_examples=info.num_train_examples
+    )
+    step = program.train_step
+    state = program.init_state(program.init_rng)
 
     t0 = time.perf_counter()
     it = data.create_train_iterator(cfg, mesh, seed=0, start_step=0)
     first = next(it)
     iterator_start_s = time.perf_counter() - t0
-    images, labels = first["image"], first["label"]
-    syn_images = jax.device_put(np.asarray(jax.random.normal(jax.random.PRNGKey(1), images.shape)), sharding)
-    syn_labels = jax.device_put(np.zeros(labels.shape, np.int32), sharding)
+    sharding = tu.data_sharding(mesh)
+    syn = {
+        "image": jax.device_put(np.asarray(jax.random.normal(jax.random.PRNGKey(1), first["image"].shape)), sharding),
+        "label": jax.device_put(np.zeros(first["label"].shape, np.int32), sharding),
+    }
 
     def loop(get_batch, n):
         nonlocal state
-        loss = None
+        metrics = None
         t = time.perf_counter()
         for _ in range(n):
-            x, y = get_batch()
-            state, loss = step(state, x, y)
-        jax.block_until_ready(loss)
+            state, metrics = step(state, get_batch())
+        jax.block_until_ready(metrics)
         return time.perf_counter() - t
 
     def real_batch():
-        b = next(it)
-        return b["image"], b["label"]
+        return next(it)
 
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        loop(lambda: (syn_images, syn_labels), warmup)  # compiles
+        loop(lambda: syn, warmup)  # compiles
         loop(real_batch, warmup)  # fills the pipeline
         # Alternate the two feedings and keep each one's best, so that a busy spell of a shared host does not
         # land on one side only.
         syn_s = real_s = float("inf")
         for _ in range(repeats):
-            syn_s = min(syn_s, loop(lambda: (syn_images, syn_labels), steps))
+            syn_s = min(syn_s, loop(lambda: syn, steps))
             real_s = min(real_s, loop(real_batch, steps))
     real, syn = steps / real_s, steps / syn_s
     return {
@@ -290,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(recipes) - set(RECIPES)
     if unknown:
         raise SystemExit(f"Unknown recipe(s) {sorted(unknown)}; choose from {RECIPES}.")
-    out: dict[str, Any] = {"host": _util.host_info(), "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
+    argv_seen = sys.argv[1:] if argv is None else list(argv)
+    out: dict[str, Any] = {"host": harness.host_info(), "argv": argv_seen, "rows": []}
     config = base_config(args.data_dir, "tfdata") if recipes else None
     jpegs = None
     for recipe in recipes:
@@ -314,8 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row = {"recipe": recipe, "stage": stage, "threads": n, "batch": batch, **r}
                 out["rows"].append(row)
                 print(
-                    f"{recipe:13s} {stage:9s} threads={n}: {_util.fmt(row.get('images_per_s'))} img/s, "
-                    f"{_util.fmt(row.get('images_per_s_per_core'))} img/s/core"
+                    f"{recipe:13s} {stage:9s} threads={n}: {harness.fmt(row.get('images_per_s'))} img/s, "
+                    f"{harness.fmt(row.get('images_per_s_per_core'))} img/s/core"
                     + (f"  ERROR {row['error'][:200]}" if "error" in row else ""),
                     flush=True,
                 )
@@ -328,12 +331,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["fed"] = fed
         print(
             f"device-fed ({fed.get('pipeline', args.pipeline)}, {args.fed_model}, batch {args.fed_batch}): real "
-            f"{_util.fmt(fed.get('real_steps_per_s'), 2)} steps/s vs synthetic "
-            f"{_util.fmt(fed.get('synthetic_steps_per_s'), 2)} steps/s -> ratio {_util.fmt(fed.get('ratio'), 3)}"
+            f"{harness.fmt(fed.get('real_steps_per_s'), 2)} steps/s vs synthetic "
+            f"{harness.fmt(fed.get('synthetic_steps_per_s'), 2)} steps/s -> ratio {harness.fmt(fed.get('ratio'), 3)}"
             + (f"  ERROR {fed['error'][:300]}" if "error" in fed else ""),
             flush=True,
         )
-    _util.write_json(args.json, out)
+    harness.write_json(args.json, out)
     return out
 
 

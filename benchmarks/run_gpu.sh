@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command: ours (JAX/Flax) against the HuggingFace CvT (torch eager and torch.compile)
-# on one GPU, bf16, for cvt_13@224, cvt_13_32@32, cvt_21@224 and cvt_w24@224. About 7-8 minutes on an H100.
+# The GPU speed benchmark in one command: the training loop's own step (JAX/Flax) against the HuggingFace CvT
+# doing the same recipe (torch eager and torch.compile) on one GPU, bf16, plus a profile of our steps.
 #
-#   bash benchmarks/run_gpu.sh [OUT_DIR]          # from the repository root; OUT_DIR defaults to $OUT, else ./bench_out
+#   ../shared/device/stage.sh                      # here, once: the kit (ml_collections, clu, ...) in .device/
+#   bash benchmarks/run_gpu.sh [OUT_DIR]           # there, from the repository root, with .device carried
 #
-# Needs jax (CUDA), flax, optax, torch and transformers; no TensorFlow, TFDS, ml_collections or data.
-# Writes to OUT_DIR: summary.md (all tables), compare.json (every record: images/s, step times, compile times,
-# memory, MFU), and the logs. Each part has a time budget so that the whole stays under TOTAL_S; parts that do not
-# fit are skipped (and say so). Knobs (environment):
-#   TOTAL_S=450     overall budget in seconds for the measured parts (process start and imports included)
-#   STEPS=10 WARMUP=2   timed / untimed steps per measurement
-#   EXTRA_ATTENTION=cudnn   extra JAX attention implementations for cvt_13@224 ('' to skip; e.g. 'xla,cudnn')
-#   FIND_MAX=0      1: also search the largest training batch of cvt_13@224 (JAX and torch eager; ~2 min more)
-#   FED=auto        device-fed ratio with the device pipeline when .device/ is staged (../shared/device/stage.sh)
-#   PYTHON=python3
-#   V1 / V2 / V3, COMPILE=1, DTYPE=bfloat16: the variants of parts 1-3, torch.compile on/off, compute dtype
-#   (a CPU dry run: V1=cvt_tiny@32:4/4 V2=cvt_mini@32:4/4 V3=cvt_tiny@32:4/4 COMPILE=0 DTYPE=float32
-#    EXTRA_ATTENTION=xla STEPS=2 WARMUP=1 bash benchmarks/run_gpu.sh /tmp/dry)
+# OUT_DIR defaults to $OUT, else ./bench_out. Needs jax (CUDA), flax, optax, torch and transformers, and the
+# kit's ml_collections and clu (the step is built from a training config); `.device/setup.sh` installs the kit
+# when it is there. Each part has a time budget so that the whole stays under TOTAL_S; what does not fit is
+# skipped and says so. Results in OUT_DIR (at most 8 files, as the device tool brings back):
+#   summary.md     all tables, ratios, the profile digest, ready to paste into README
+#   compare.json   every record (images/s, step times, compile times, memory, MFU, profile digests)
+#   profile.txt    per-operation device time of our train steps (one table per variant)
+#   env.txt        GPU, driver, package versions
+#   results.tgz    logs, part JSONs and the Chrome-format traces (open in Perfetto / chrome://tracing)
+# Knobs (environment):
+#   TOTAL_S=450        overall budget in seconds for the measured parts (start-up and imports included)
+#   STEPS=10 WARMUP=2  timed / untimed steps per measurement
+#   V1=cvt_13@224:128/256,cvt_13_32@32:256/512   part 1 (all torch modes)
+#   V2=cvt_21@224:128/256,cvt_w24@224:32/64      part 2 (torch.compile only when time allows)
+#   EXTRA_ATTENTION=cudnn   part 3: other JAX attention kernels on V3=cvt_13@224:128/256 ('' to skip)
+#   P1_RESERVE=150     seconds of TOTAL_S that part 1 leaves to the later parts
+#   TORCH_MODES=eager,compile  JAX_TIMEOUT_S=150 TORCH_TIMEOUT_S=210  DTYPE=bfloat16  FIND_MAX=0  FED=auto
+#   PYTHON=python3  EXPECT=gpu (JAX rows not on this platform are errors; '' to allow any, e.g. a CPU dry run)
+# CPU dry run (what tests/test_benchmarks.py does):
+#   V1=cvt_tiny@32:4/4 V2=cvt_tiny@32:4/4 V3=cvt_tiny@32:4/4 TORCH_MODES=eager DTYPE=float32 EXPECT= \
+#     EXTRA_ATTENTION=xla STEPS=2 WARMUP=1 EXTRA_ARGS="--fast-compile --set optimizer=sgd" bash benchmarks/run_gpu.sh /tmp/dry
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-./bench_out}}
@@ -28,26 +37,36 @@ FIND_MAX=${FIND_MAX:-0}
 FED=${FED:-auto}
 PY=${PYTHON:-python3}
 V1=${V1:-cvt_13@224:128/256,cvt_13_32@32:256/512}
-V2=${V2:-cvt_21@224:128/256,cvt_w24@224:32/64}
+V2=${V2-cvt_21@224:128/256,cvt_w24@224:32/64}
 V3=${V3:-cvt_13@224:128/256}
-COMPILE=${COMPILE:-1}
+TORCH_MODES=${TORCH_MODES:-eager,compile}
 DTYPE=${DTYPE:-bfloat16}
-TORCH_ALL=eager,compile
-[ "$COMPILE" = 1 ] || TORCH_ALL=eager
-mkdir -p "$OUT_DIR"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX and torch share the GPU (compare.py sets it too)
-export TF_CPP_MIN_LOG_LEVEL=3
+JAX_TIMEOUT_S=${JAX_TIMEOUT_S:-150}
+TORCH_TIMEOUT_S=${TORCH_TIMEOUT_S:-210}
+EXPECT=${EXPECT-gpu}
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 START=$SECONDS
 left() { echo $((TOTAL_S - (SECONDS - START))); }
+mkdir -p "$OUT_DIR"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/cvt_bench.XXXXXX")
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX and torch share the GPU (compare.py sets it too)
+export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 
+# ------------------------------------------------------------------ set-up: the kit, the environment
+if [ -f .device/setup.sh ]; then bash .device/setup.sh > "$WORK/setup.log" 2>&1 || cat "$WORK/setup.log"; fi
+if ! $PY -c "import ml_collections, clu.metrics" 2>/dev/null; then
+  echo "run_gpu.sh: ml_collections and clu are missing. On the lent GPU machine run ../shared/device/stage.sh here" \
+       "first and carry .device (the script installs it); elsewhere: pip install -r requirements.txt." >&2
+  exit 2
+fi
 {
   echo "# environment"; date -u
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv 2>&1 || true
   $PY - <<'EOF' 2>&1
 import importlib
-for m in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy"):
+for m in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy", "ml_collections", "clu"):
     try:
-        print(m, importlib.import_module(m).__version__)
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
     except Exception as e:  # noqa: BLE001
         print(m, "missing:", e)
 import jax
@@ -56,67 +75,84 @@ EOF
 } > "$OUT_DIR/env.txt"
 cat "$OUT_DIR/env.txt"
 
-COMMON=(--dtype "$DTYPE" --steps "$STEPS" --warmup "$WARMUP" --jax-attention explicit --variant-timeout-s 240)
+COMMON=(--dtype "$DTYPE" --steps "$STEPS" --warmup "$WARMUP" --jax-attention explicit --expect-platform "$EXPECT"
+        --jax-timeout-s "$JAX_TIMEOUT_S" --torch-timeout-s "$TORCH_TIMEOUT_S" --profile-dir "$WORK/profile" "${EXTRA[@]}")
 
-# 1. The two most-used variants first, all modes. A variant starts only while its part's --budget-s lasts, and
-#    its child process is stopped a minute after the budget (rows it finished are kept).
+# ------------------------------------------------------------------ 1. the two most-used variants, all modes
+# Per variant: our step first (its own child process and time limit), then torch eager and torch.compile.
 echo "== part 1: $V1 ($(left) s left)"
-$PY -m benchmarks.compare --variants "$V1" "${COMMON[@]}" \
-  --torch-modes "$TORCH_ALL" --budget-s "$(( $(left) - 170 ))" \
-  --json "$OUT_DIR/part1.json" --markdown "$OUT_DIR/part1.md" 2>&1 | tee "$OUT_DIR/part1.log"
+$PY -m benchmarks.compare --variants "$V1" "${COMMON[@]}" --torch-modes "$TORCH_MODES" \
+  --budget-s "$(( $(left) - ${P1_RESERVE:-150} ))" --json "$WORK/part1.json" --markdown "$WORK/part1.md" 2>&1 | tee "$WORK/part1.log"
 
-# 2. The larger variants with what is left (cvt_w24 at a smaller batch); torch.compile only when time allows
-#    (it compiles for a minute or two per variant).
-if [ "$(left)" -gt 100 ]; then
-  MODES=eager
-  [ "$(left)" -gt 300 ] && MODES=$TORCH_ALL
+# ------------------------------------------------------------------ 2. the larger variants with what is left
+if [ -n "$V2" ] && [ "$(left)" -gt 100 ]; then
+  MODES=${TORCH_MODES%%,*}
+  [ "$(left)" -gt 300 ] && MODES=$TORCH_MODES
   echo "== part 2: $V2, torch $MODES ($(left) s left)"
-  $PY -m benchmarks.compare --variants "$V2" "${COMMON[@]}" \
-    --torch-modes "$MODES" --budget-s "$(( $(left) - 100 ))" \
-    --json "$OUT_DIR/part2.json" --markdown "$OUT_DIR/part2.md" 2>&1 | tee "$OUT_DIR/part2.log"
+  $PY -m benchmarks.compare --variants "$V2" "${COMMON[@]}" --torch-modes "$MODES" \
+    --budget-s "$(( $(left) - 90 ))" --json "$WORK/part2.json" --markdown "$WORK/part2.md" 2>&1 | tee "$WORK/part2.log"
 else
-  echo "== part 2 skipped: $(left) s left"
+  echo "== part 2 skipped: $(left) s left or V2 empty"
 fi
 
-# 3. Other JAX attention kernels on cvt_13@224 (no torch rows; the ratios use part 1's torch rows when merged).
-if [ -n "$EXTRA_ATTENTION" ] && [ "$(left)" -gt 75 ]; then
+# ------------------------------------------------------------------ 3. other JAX attention kernels
+if [ -n "$EXTRA_ATTENTION" ] && [ "$(left)" -gt 60 ]; then
   echo "== part 3: JAX attention $EXTRA_ATTENTION on $V3 ($(left) s left)"
-  timeout "$(( $(left) + 30 ))" $PY -m benchmarks.compare --variants "$V3" --dtype "$DTYPE" --steps "$STEPS" \
-    --warmup "$WARMUP" --torch-modes "" --jax-attention "$EXTRA_ATTENTION" --json "$OUT_DIR/part3.json" --quiet \
-    2>&1 | tee "$OUT_DIR/part3.log"
+  timeout "$(( $(left) + 20 ))" $PY -m benchmarks.compare --variants "$V3" --dtype "$DTYPE" --steps "$STEPS" \
+    --warmup "$WARMUP" --torch-modes "" --jax-attention "$EXTRA_ATTENTION" --expect-platform "$EXPECT" \
+    --jax-timeout-s "$(left)" "${EXTRA[@]}" --json "$WORK/part3.json" --quiet 2>&1 | tee "$WORK/part3.log"
 else
   echo "== part 3 skipped ($(left) s left or EXTRA_ATTENTION empty)"
 fi
 
-# 4. Optional: largest training batch (doubling until out of memory).
+# ------------------------------------------------------------------ 4. optional: largest training batch
 if [ "$FIND_MAX" = 1 ] && [ "$(left)" -gt 100 ]; then
-  echo "== part 4: largest training batch of cvt_13@224 ($(left) s left)"
-  timeout "$(left)" $PY -m benchmarks.throughput --model cvt_13 --image-size 224 --train-batch 256 --skip-infer \
-    --steps 2 --warmup 1 --find-max-batch --max-batch-limit 4096 --json "$OUT_DIR/maxbatch_jax.json" \
-    2>&1 | tee "$OUT_DIR/maxbatch_jax.log"
-  timeout "$(left)" $PY -m benchmarks.torch_reference --model cvt_13 --image-size 224 --train-batch 256 --skip-infer \
-    --modes eager --steps 2 --warmup 1 --find-max-batch --max-batch-limit 4096 --json "$OUT_DIR/maxbatch_torch.json" \
-    2>&1 | tee "$OUT_DIR/maxbatch_torch.log"
+  echo "== part 4: largest training batch of ${V3%%:*} ($(left) s left)"
+  timeout "$(left)" $PY -m benchmarks.compare --variants "$V3" --dtype "$DTYPE" --steps 2 --warmup 1 \
+    --torch-modes eager --find-max-batch --max-batch-limit 4096 "${EXTRA[@]}" --json "$WORK/part4.json" --quiet \
+    2>&1 | tee "$WORK/part4.log"
 fi
 
-# 5. Device-fed ratio with the on-device input pipeline (needs the staged kit: tfds, array_record, ml_collections).
-if [ "$FED" != 0 ] && [ -f .device/setup.sh ] && [ -d .device/tfds ] && [ "$(left)" -gt 60 ]; then
+# ------------------------------------------------------------------ 5. device-fed ratio (staged data only)
+if [ "$FED" != 0 ] && [ -d .device/tfds ] && [ "$(left)" -gt 60 ]; then
   echo "== part 5: device-fed ratio, device pipeline, Fashion-MNIST 32x32, cvt_13_32 ($(left) s left)"
-  bash .device/setup.sh > "$OUT_DIR/fed.log" 2>&1 && \
   timeout "$(left)" $PY -m benchmarks.input_pipeline --recipes "" --fed --pipeline device --data-dir .device/tfds \
-    --fed-model cvt_13_32 --fed-batch 256 --fed-steps 20 --fed-dtype bfloat16 --json "$OUT_DIR/fed.json" \
-    2>&1 | tee -a "$OUT_DIR/fed.log"
+    --fed-model cvt_13_32 --fed-batch 256 --fed-steps 20 --fed-dtype "$DTYPE" --json "$WORK/fed.json" \
+    2>&1 | tee "$WORK/fed.log"
 else
-  echo "== part 5 skipped (FED=$FED, .device staged: $([ -d .device/tfds ] && echo yes || echo no), $(left) s left)"
+  echo "== part 5 skipped (FED=$FED, .device/tfds: $([ -d .device/tfds ] && echo yes || echo no), $(left) s left)"
 fi
 
-$PY -m benchmarks.compare --merge "$OUT_DIR/part1.json" "$OUT_DIR/part2.json" "$OUT_DIR/part3.json" \
-  --json "$OUT_DIR/compare.json" --markdown "$OUT_DIR/summary.md" --quiet
+# ------------------------------------------------------------------ results
+$PY -m benchmarks.compare --merge "$WORK"/part[1-4].json --json "$OUT_DIR/compare.json" \
+  --markdown "$WORK/tables.md" --quiet
+: > "$OUT_DIR/profile.txt"
+for t in "$WORK"/profile/*/op_table.txt; do
+  [ -f "$t" ] && { echo "=== $(basename "$(dirname "$t")")"; cat "$t"; echo; } >> "$OUT_DIR/profile.txt"
+done
 {
-  for f in maxbatch_jax maxbatch_torch; do
-    [ -f "$OUT_DIR/$f.json" ] && $PY -c "import json,sys; d=json.load(open(sys.argv[1])); d=d[0] if isinstance(d,list) else d; print(f\"\n{sys.argv[2]}: largest cvt_13@224 training batch that fits: {d.get('max_train_batch')} (tries: {[(t['batch'], t['fits']) for t in d.get('max_batch_search', {}).get('tries', [])]})\")" "$OUT_DIR/$f.json" "$f"
-  done
-  [ -f "$OUT_DIR/fed.json" ] && $PY -c "import json,sys; f=json.load(open(sys.argv[1])).get('fed', {}); print(f\"\ndevice-fed ratio ({f.get('pipeline')}, {f.get('model')}, batch {f.get('batch')}): {f.get('ratio')} (real {f.get('real_steps_per_s')} vs synthetic {f.get('synthetic_steps_per_s')} steps/s)\" if 'error' not in f else f\"\ndevice-fed: ERROR {f['error']}\")" "$OUT_DIR/fed.json"
+  KIND=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['meta'].get('device_kind'))" "$OUT_DIR/compare.json" 2>/dev/null)
+  echo "## Speed on ${KIND:-?}, $(date -u +%Y-%m-%d)"
+  echo
+  echo "Command: \`bash benchmarks/run_gpu.sh\` (TOTAL_S=$TOTAL_S STEPS=$STEPS WARMUP=$WARMUP DTYPE=$DTYPE)."
+  echo
+  cat "$WORK/tables.md"
+  [ -f "$WORK/part4.json" ] && $PY -c "import json,sys
+for r in json.load(open(sys.argv[1]))['rows']:
+    if 'max_batch_search' in r: print(f\"\nlargest {r['model']}@{r['image_size']} training batch, {r['framework']}/{r['mode']}: {r['max_train_batch']} (tries: {[(t['batch'], t['fits']) for t in r['max_batch_search']['tries']]})\")" "$WORK/part4.json"
+  [ -f "$WORK/fed.json" ] && $PY -c "import json,sys; f=json.load(open(sys.argv[1])).get('fed', {}); print(f\"\ndevice-fed ratio ({f.get('pipeline')}, {f.get('model')}, batch {f.get('batch')}): {f.get('ratio')} (real {f.get('real_steps_per_s')} vs synthetic {f.get('synthetic_steps_per_s')} steps/s)\" if 'error' not in f else f\"\ndevice-fed: ERROR {f['error']}\")" "$WORK/fed.json"
+  $PY -c "import json,sys
+rows=[r for r in json.load(open(sys.argv[1]))['rows'] if r.get('profile') and 'kinds' in r['profile']]
+for r in rows:
+    p=r['profile']; k=sorted(p['kinds'].items(), key=lambda kv: -kv[1])[:5]
+    print(f\"\nprofile {r['model']}@{r['image_size']} {r['mode']}: {p['device_ms_per_step']:.1f} ms of operations per step ({p['source']}); \" + ', '.join(f'{n} {v:.1f} ms' for n, v in k))" "$OUT_DIR/compare.json"
   echo; echo "total wall time: $((SECONDS - START)) s"
-} >> "$OUT_DIR/summary.md"
+} > "$OUT_DIR/summary.md"
+# Logs, part JSONs and the Chrome-format traces (not the large xplane.pb files) in one archive.
+(cd "$WORK" && find . -name '*.log' -o -name 'part*.json' -o -name 'fed.json' -o -name '*.trace.json.gz' \
+   -o -name 'op_table.txt' | tar czf "$OUT_DIR/results.tgz" -T - 2>/dev/null)
+if [ "$(stat -c %s "$OUT_DIR/results.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
+  (cd "$WORK" && find . -name '*.log' -o -name 'part*.json' -o -name 'fed.json' | tar czf "$OUT_DIR/results.tgz" -T -)
+fi
+rm -rf "$WORK"
 echo; cat "$OUT_DIR/summary.md"

@@ -1,413 +1,253 @@
-"""JAX/Flax training and inference throughput of a CvT variant on one device.
+"""JAX/Flax training and inference throughput of CvT on one device: the very step that main.py trains with.
 
     python -m benchmarks.throughput --model cvt_13 --image-size 224 --train-batch 128 --infer-batch 256 \
-        --dtype bfloat16 --attention explicit --steps 20 --warmup 3 [--remat] [--find-max-batch] [--json OUT]
+        [--recipe configs/imagenet.py:variant=13] [--set grad_clip_norm=0 ...] [--attention explicit] \
+        [--steps 10 --warmup 2] [--find-max-batch] [--profile-dir DIR] [--json OUT]
 
-The train step is the real thing minus the data: forward in ``--dtype`` (parameters float32), softmax
-cross-entropy, backward, AdamW (optax; weight decay on matrices only), BatchNorm statistics update, dropout /
-stochastic-depth rngs, jitted with the train state donated. Inference is ``train=False`` (BatchNorm running
-averages). Inputs are synthetic and already on the device, so this measures the model, not the input pipeline
-(see benchmarks/input_pipeline.py for that).
+The train step is `cvt_flax.train_utils.build_program(config).train_step`, the function the training loop
+runs, built from a recipe config (default: `benchmarks.recipe.auto_recipe`, the ImageNet recipe for official
+variants and the CIFAR-100 recipe for the others) with the benchmark's model, size, batch and dtype: forward in
+the compute dtype (parameters float32), label smoothing, on-device Mixup/CutMix when the recipe has them,
+softmax cross-entropy, backward, gradient clipping when the recipe clips, the optimizer with its weight-decay
+mask and learning-rate schedule, BatchNorm statistics, stochastic depth, and the train metrics (loss, accuracy,
+learning rate, gradient norm), jitted with the state donated. Inference is the training loop's eval step
+(``train=False`` forward plus its metrics). Inputs are synthetic and already on the device: this measures the
+model, not the input pipeline (see benchmarks/input_pipeline.py).
 
-Reported (and written with ``--json``): median step time and images/s (each step synchronised with
-``block_until_ready``), compile time (trace + lower + compile), the executables' memory estimate from XLA's
-buffer assignment, the device's peak bytes in use, and model FLOP utilisation (MFU) from
-`cvt_flax.flops` against the device's bf16 peak.
+Reported (and written with ``--json``): median step time and images/s, compile time (trace + lower +
+compile), XLA's memory estimate, the device's peak bytes in use, model FLOP utilisation (MFU). With
+``--profile-dir`` a few train steps are also traced with `jax.profiler` and the per-operation device time is
+written as a text table (`benchmarks.profile_table`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
-import time
 import warnings
 from typing import Any
 
-from benchmarks import _util
+from benchmarks import harness
+from benchmarks.recipe import DTYPES, Workload, add_workload_args, workload_from_args
 
 # Let JAX share the accelerator with torch (compare.py) and measure what it really uses; harmless alone.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from cvt_flax import flops  # noqa: E402
-from cvt_flax.models import create_model, get_spec  # noqa: E402
+from cvt_flax import train_utils as tu  # noqa: E402
+from cvt_flax.models import get_spec  # noqa: E402
 
 ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
 # --fast-compile: XLA options that halve CPU compile times at the cost of slower code (smoke tests only).
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-DTYPES = ("float32", "bfloat16", "float16")
+# Train-split size the schedule is derived from (its length changes values, not work).
+NOMINAL_EPOCH_BATCHES = 10
 
 
-def _device() -> Any:
-    return jax.devices()[0]
+class JaxBackend:
+    """`harness.Backend` for JAX on its first device."""
 
+    def __init__(self, device: Any = None):
+        self.device = device or jax.devices()[0]
+        self.device_kind = self.device.device_kind
+        self.platform = self.device.platform
 
-def peak_bytes_in_use(device: Any = None) -> int | None:
-    """The device's ``peak_bytes_in_use`` (XLA allocator, whole process so far), or None when not reported."""
-    device = device or _device()
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-        return None
-    if not stats:
-        return None
-    value = stats.get("peak_bytes_in_use")
-    return int(value) if value is not None else None
+    def sync(self, result: Any) -> None:
+        jax.block_until_ready(result)
+
+    def reset_peak(self) -> None:
+        """XLA's allocator keeps its peak for the process (compare.py runs each variant in its own)."""
+
+    def peak_bytes(self) -> int | None:
+        try:
+            stats = self.device.memory_stats()
+        except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+            return None
+        value = (stats or {}).get("peak_bytes_in_use")
+        return int(value) if value is not None else None
+
+    def free(self) -> None:
+        gc.collect()
 
 
 def memory_estimate(compiled: Any) -> int | None:
     """Bytes an executable needs by XLA's buffer assignment: arguments + outputs - aliased (donated) + temps."""
     try:
         m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if m is None:
-        return None
-    try:
         return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
-    except AttributeError:
+    except Exception:  # noqa: BLE001 - not every backend reports it
         return None
 
 
-def _decay_mask(params: Any) -> Any:
-    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+def build_program(config: Any, num_classes: int, device: Any = None) -> tu.TrainProgram:
+    """The training loop's program (`train_utils.build_program`) on one device, for ``config``."""
+    mesh = tu.create_mesh([device or jax.devices()[0]])
+    examples = int(config.batch_size) * NOMINAL_EPOCH_BATCHES
+    return tu.build_program(config, mesh, num_classes=num_classes, in_chans=3, num_train_examples=examples)
 
 
-OPTIMIZERS = ("adamw", "sgd")
+def synthetic_batch(
+    batch: int, image_size: int, num_classes: int, seed: int = 0, inputs: tuple[Any, Any] | None = None
+) -> dict[str, Any]:
+    """A global batch ``{'image', 'label', 'mask'}`` on the default device (normal images, uniform labels)."""
+    if inputs is None:
+        rng = np.random.default_rng(seed + 1)
+        images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
+        labels = rng.integers(0, num_classes, (batch,), dtype=np.int32)
+    else:
+        images, labels = np.asarray(inputs[0], np.float32), np.asarray(inputs[1], np.int32)
+    return jax.device_put({"image": images, "label": labels, "mask": np.ones(len(labels), bool)})
 
 
-def make_optimizer(
-    name: str = "adamw", learning_rate: float = 1e-3, weight_decay: float = 0.05
-) -> optax.GradientTransformation:
-    """The benchmarked optimizer.
-
-    Args:
-      name: ``adamw`` (the training recipe: no decay on biases, norms and class tokens) or ``sgd`` (momentum
-        0.9; compiles about twice as fast on CPU, for smoke tests).
-      learning_rate: Learning rate.
-      weight_decay: AdamW's decoupled weight decay.
-
-    Raises:
-      ValueError: for an unknown name.
-    """
-    if name == "adamw":
-        return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=_decay_mask)
-    if name == "sgd":
-        return optax.sgd(learning_rate, momentum=0.9)
-    raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
-
-
-def init_state(
-    model: Any,
-    tx: optax.GradientTransformation,
-    image_size: int,
-    in_chans: int,
-    seed: int = 0,
-    compiler_options: dict[str, Any] | None = None,
-) -> dict:
-    """Initialises the train state (params, batch_stats, opt_state, step, rng) on the default device.
-
-    The parameters are drawn with the ``unsafe_rbg`` generator, whose initialisation graph XLA compiles several
-    times faster on CPUs than threefry's (throughput does not depend on the values); the dropout rng of the train
-    step stays the default (threefry), as in training.
-    """
-
-    @jax.jit
-    def _init(key):
-        variables = model.init(
-            {"params": key, "dropout": key},
-            jnp.zeros((1, image_size, image_size, in_chans), jnp.float32),
-            train=False,
-        )
-        params = variables["params"]
-        return {
-            "params": params,
-            "batch_stats": variables.get("batch_stats", {}),
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-        }
-
-    key = jax.random.key(seed, impl="unsafe_rbg")
-    state = _init.lower(key).compile(compiler_options=compiler_options)(key)
-    state["rng"] = jax.random.PRNGKey(seed + 1)
-    return state
-
-
-def make_train_step(model: Any, tx: optax.GradientTransformation) -> Any:
-    """The jitted train step ``(state, images, labels) -> (state, loss)`` with the state donated."""
-
-    def train_step(state, images, labels):
-        rng = jax.random.fold_in(state["rng"], state["step"])
-
-        def loss_fn(params):
-            logits, new_vars = model.apply(
-                {"params": params, "batch_stats": state["batch_stats"]},
-                images,
-                train=True,
-                rngs={"dropout": rng},
-                mutable=["batch_stats"],
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-            return loss, new_vars.get("batch_stats", {})
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = {
-            "params": params,
-            "batch_stats": batch_stats,
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-        }
-        return new_state, loss
-
-    return jax.jit(train_step, donate_argnums=(0,))
-
-
-def make_infer_step(model: Any) -> Any:
-    """The jitted inference step ``(variables, images) -> logits``."""
-
-    def infer_step(variables, images):
-        return model.apply(variables, images, train=False)
-
-    return jax.jit(infer_step)
-
-
-def synthetic_batch(batch: int, image_size: int, in_chans: int, num_classes: int, seed: int = 0):
-    """Normalised-looking float32 images and int32 labels, put on the default device."""
-    rng = np.random.default_rng(seed + 1)
-    images = rng.standard_normal((batch, image_size, image_size, in_chans), dtype=np.float32)
-    labels = rng.integers(0, num_classes, (batch,), dtype=np.int32)
-    return jax.device_put(images, _device()), jax.device_put(labels, _device())
-
-
-def _check_args(model_name: str, image_size: int, attention: str, dtype: str) -> None:
-    if attention not in ATTENTION_IMPLS:
-        raise ValueError(f"Unknown --attention {attention!r}; choose one of {ATTENTION_IMPLS}.")
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown --dtype {dtype!r}; choose one of {DTYPES}.")
-    if attention == "cudnn" and _device().platform != "gpu":
-        raise ValueError(
-            f"--attention cudnn needs an NVIDIA GPU (this device is {_device().platform}); "
-            "use --attention explicit or xla."
-        )
-    get_spec(model_name).token_grid(image_size, image_size)  # clear error for too-small inputs
-
-
-def _train_run(
-    model: Any,
-    tx: optax.GradientTransformation,
+def train_phase(
+    w: Workload,
+    config: Any,
+    backend: JaxBackend,
     batch: int,
-    image_size: int,
-    in_chans: int,
-    num_classes: int,
-    warmup: int,
-    steps: int,
-    seed: int,
+    *,
     inputs: tuple[Any, Any] | None = None,
     compiler_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Compiles and times the train step at one batch size. Returns timings and the final state."""
-    state = init_state(model, tx, image_size, in_chans, seed, compiler_options)
-    if inputs is None:
-        images, labels = synthetic_batch(batch, image_size, in_chans, num_classes, seed)
-    else:
-        images, labels = (jax.device_put(np.asarray(a), _device()) for a in inputs)
-    jax.block_until_ready((state, images, labels))
-    step_fn = make_train_step(model, tx)
-    t0 = time.perf_counter()
-    lowered = step_fn.lower(state, images, labels)
-    t1 = time.perf_counter()
-    compiled = lowered.compile(compiler_options=compiler_options)
-    t2 = time.perf_counter()
-    box = {"state": state}
+    profile_dir: str | None = None,
+    profile_steps: int = 5,
+) -> tuple[harness.Phase, tu.TrainProgram, Any]:
+    """Compiles and times the training loop's train step at ``batch``; returns the phase, program and state."""
+    program = build_program(config, w.num_classes, backend.device)
+    state = program.init_state(program.init_rng)
+    data = synthetic_batch(batch, w.image_size, w.num_classes, w.seed, inputs)
+    jax.block_until_ready((state, data))
+    box: dict[str, Any] = {"state": state}
 
-    def one():
-        box["state"], box["loss"] = compiled(box["state"], images, labels)
-        return box["loss"]
+    def compile_fn() -> None:
+        box["compiled"] = program.train_step.lower(box["state"], data).compile(compiler_options=compiler_options)
 
-    t3 = time.perf_counter()
-    jax.block_until_ready(one())
-    first_step_s = time.perf_counter() - t3
-    times = _util.time_calls(one, jax.block_until_ready, max(0, warmup - 1), steps)
-    loss = float(box["loss"])
-    return {
-        "state": box["state"],
-        "times": times,
-        "lower_s": t1 - t0,
-        "compile_s": t2 - t0,
-        "first_step_s": first_step_s,
-        "memory_estimate": memory_estimate(compiled),
-        "loss": loss,
-    }
+    def step() -> Any:
+        box["state"], metrics = box["compiled"](box["state"], data)
+        return metrics
 
-
-def _infer_run(
-    model: Any,
-    variables: Any,
-    batch: int,
-    image_size: int,
-    in_chans: int,
-    num_classes: int,
-    warmup: int,
-    steps: int,
-    seed: int,
-    inputs: Any = None,
-    compiler_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    images = (
-        synthetic_batch(batch, image_size, in_chans, num_classes, seed)[0]
-        if inputs is None
-        else jax.device_put(np.asarray(inputs), _device())
+    phase = harness.measure(
+        step,
+        backend,
+        batch=batch,
+        warmup=w.warmup,
+        steps=w.steps,
+        compile_fn=compile_fn,
+        memory_estimate=lambda: memory_estimate(box["compiled"]),
     )
-    step_fn = make_infer_step(model)
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(variables, images).compile(compiler_options=compiler_options)
-    compile_s = time.perf_counter() - t0
-    times = _util.time_calls(lambda: compiled(variables, images), jax.block_until_ready, warmup, steps)
-    return {"times": times, "compile_s": compile_s, "memory_estimate": memory_estimate(compiled)}
+    if profile_dir:
+        from benchmarks import profile_table
+
+        profile_table.trace_steps(step, backend.sync, profile_dir, profile_steps)
+    return phase, program, box["state"]
 
 
-def find_max_batch(
-    model: Any,
-    tx: optax.GradientTransformation,
-    start: int,
-    image_size: int,
-    in_chans: int,
-    num_classes: int,
-    limit: int,
-    steps: int = 2,
-    seed: int = 0,
-    known: list[dict[str, Any]] | None = None,
+def infer_phase(
+    w: Workload,
+    program: tu.TrainProgram,
+    variables: Any,
+    backend: JaxBackend,
+    *,
+    images: Any = None,
     compiler_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Doubles the training batch from ``start`` until XLA runs out of memory (or ``limit`` is passed).
+) -> harness.Phase:
+    """Compiles and times the training loop's eval step (``train=False`` forward and metrics)."""
+    inputs = None if images is None else (images, np.zeros(len(images), np.int32))
+    data = synthetic_batch(w.infer_batch, w.image_size, w.num_classes, w.seed + 7, inputs)
+    box: dict[str, Any] = {}
 
-    ``known``: tries already made (e.g. the benchmark's own batch, which fits); the search continues after them.
+    def compile_fn() -> None:
+        box["compiled"] = program.eval_step.lower(variables, data).compile(compiler_options=compiler_options)
 
-    Returns:
-      ``{'max_train_batch': largest batch that compiled and ran (None if even ``start`` failed),
-      'tries': [{'batch', 'fits', 'images_per_s' | 'error'}]}``.
-    """
-    tries: list[dict[str, Any]] = list(known or [])
-    best = max((t["batch"] for t in tries if t["fits"]), default=None)
-    batch = start if best is None else 2 * best
-    while batch <= limit:
-        try:
-            run = _train_run(
-                model, tx, batch, image_size, in_chans, num_classes, 1, steps, seed, compiler_options=compiler_options
-            )
-            sec = _util.median(run["times"])
-            tries.append({"batch": batch, "fits": True, "images_per_s": batch / sec if sec else None})
-            best = batch
-            del run
-        except Exception as err:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
-            if not _util.is_oom(err):
-                raise
-            tries.append({"batch": batch, "fits": False, "error": str(err).splitlines()[0][:300]})
-            break
-        finally:
-            gc.collect()
-        batch *= 2
-    gc.collect()
-    jax.clear_caches()
-    return {"max_train_batch": best, "tries": tries, "limit": limit}
+    return harness.measure(
+        lambda: box["compiled"](variables, data),
+        backend,
+        batch=w.infer_batch,
+        warmup=w.warmup,
+        steps=w.steps,
+        compile_fn=compile_fn,
+        memory_estimate=lambda: memory_estimate(box["compiled"]),
+    )
+
+
+def _check(w: Workload, attention: str) -> None:
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown --attention {attention!r}; choose one of {ATTENTION_IMPLS}.")
+    if w.dtype not in DTYPES:
+        raise ValueError(f"Unknown --dtype {w.dtype!r}; choose one of {DTYPES}.")
+    if attention == "cudnn" and jax.devices()[0].platform != "gpu":
+        raise ValueError(
+            f"--attention cudnn needs an NVIDIA GPU (this device is {jax.devices()[0].platform}); "
+            "use --attention explicit or xla."
+        )
+    get_spec(w.model).token_grid(w.image_size, w.image_size)  # clear error for too-small inputs
 
 
 def benchmark(
-    model_name: str = "cvt_13",
-    image_size: int = 224,
-    train_batch: int = 128,
-    infer_batch: int = 256,
-    dtype: str = "bfloat16",
+    w: Workload,
+    *,
     attention: str = "explicit",
     remat: bool = False,
-    steps: int = 20,
-    warmup: int = 3,
-    num_classes: int = 1000,
-    act: str = "quick_gelu",
-    optimizer: str = "adamw",
     peak_tflops: float | None = None,
     find_max: bool = False,
     max_batch_limit: int | None = None,
     skip_train: bool = False,
     skip_infer: bool = False,
-    seed: int = 0,
     inputs: dict[str, Any] | None = None,
     fast_compile: bool = False,
+    profile_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Benchmarks one configuration; returns a JSON-serialisable record (see the module docstring).
+    """Benchmarks one workload; returns a JSON-serialisable record (see the module docstring).
 
     Args:
-      model_name: Registered variant.
-      image_size: Input side length.
-      train_batch: Training batch (one device).
-      infer_batch: Inference batch.
-      dtype: Compute dtype name.
-      attention: ``explicit``, ``xla`` or ``cudnn``.
-      remat: Rematerialise blocks.
-      steps: Timed steps (median reported).
-      warmup: Untimed steps after compilation.
-      num_classes: Classifier width.
-      act: MLP activation (``quick_gelu`` official; ``gelu`` as the HuggingFace port).
-      optimizer: ``adamw`` (default) or ``sgd`` (see `make_optimizer`).
+      w: The workload (recipe config, model, size, batches, dtype, steps).
+      attention: ``explicit``, ``xla`` or ``cudnn`` (``config.attention_impl``).
+      remat: Rematerialise blocks (``config.remat``).
       peak_tflops: Override of the device's peak TFLOP/s for MFU.
       find_max: Also search the largest training batch that fits.
       max_batch_limit: Largest batch the search tries (default 8192 on accelerators, 4x the start on CPU).
       skip_train: Skip the training benchmark.
       skip_infer: Skip the inference benchmark.
-      seed: Seed of the parameters and synthetic data.
       inputs: Optional host arrays ``{'train_images', 'train_labels', 'infer_images'}`` (NHWC float32) to
-        use instead of on-device random data (compare.py feeds both frameworks the same arrays).
+        use instead of random data (compare.py feeds both frameworks the same arrays).
       fast_compile: Compile with `FAST_COMPILE_OPTIONS` (quicker CPU compiles, slower steps; smoke tests only).
+      profile_dir: Also trace a few train steps into this folder and write ``op_table.txt`` there.
 
     Returns:
       The record (dict).
     """
-    _check_args(model_name, image_size, attention, dtype)
+    _check(w, attention)
+    backend = JaxBackend()
     copts = dict(FAST_COMPILE_OPTIONS) if fast_compile else None
-    dev = _device()
-    spec = get_spec(model_name)
-    in_chans = spec.in_chans
-    model = create_model(
-        model_name, num_classes=num_classes, dtype=dtype, attention_impl=attention, remat=remat, act=act
+    config = w.config()
+    config.attention_impl = attention
+    config.remat = remat
+    spec = get_spec(w.model, **tu.spec_overrides(config, 3))
+    train_fpi = flops.train_flops_per_image(spec, w.image_size, w.num_classes)
+    infer_fpi = flops.inference_flops_per_image(spec, w.image_size, w.num_classes)
+    rec = harness.base_record(
+        "jax",
+        f"jit/{attention}" + ("/remat" if remat else ""),
+        w,
+        backend,
+        train_flops_per_image=train_fpi,
+        inference_flops_per_image=infer_fpi,
+        peak_tflops=peak_tflops,
     )
-    tx = make_optimizer(optimizer)
-    peak, peak_src = _util.peak_tflops_for(dev.device_kind, peak_tflops)
-    train_fpi = flops.train_flops_per_image(spec, image_size, num_classes)
-    infer_fpi = flops.inference_flops_per_image(spec, image_size, num_classes)
-    rec: dict[str, Any] = {
-        "framework": "jax",
-        "mode": f"jit/{attention}" + ("/remat" if remat else ""),
-        "model": model_name,
-        "image_size": image_size,
-        "num_classes": num_classes,
-        "dtype": dtype,
-        "attention": attention,
-        "remat": remat,
-        "act": act,
-        "optimizer": optimizer,
-        "fast_compile": fast_compile,
-        "train_batch": train_batch,
-        "infer_batch": infer_batch,
-        "steps": steps,
-        "warmup": warmup,
-        "device": str(dev),
-        "device_kind": dev.device_kind,
-        "platform": dev.platform,
-        "jax_version": jax.__version__,
-        "train_flops_per_image": train_fpi,
-        "inference_flops_per_image": infer_fpi,
-        "peak_tflops": peak,
-        "peak_tflops_source": peak_src,
-    }
+    peak = rec["peak_tflops"]
+    rec.update(
+        attention=attention,
+        remat=remat,
+        fast_compile=fast_compile,
+        device=str(backend.device),
+        jax_version=jax.__version__,
+        optimizer=str(config.optimizer),
+        step_source="cvt_flax.train_utils.build_program",
+    )
     try:
         import flax
 
@@ -418,129 +258,78 @@ def benchmark(
     with warnings.catch_warnings():
         # CPUs cannot donate buffers; XLA says so once per executable.
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        variables = None
+        program = variables = None
         if not skip_train:
-            tr_inputs = None
-            if "train_images" in inputs:
-                tr_inputs = (inputs["train_images"], inputs["train_labels"])
-            run = _train_run(
-                model, tx, train_batch, image_size, in_chans, num_classes, warmup, steps, seed, tr_inputs, copts
+            tr = (inputs["train_images"], inputs["train_labels"]) if "train_images" in inputs else None
+            phase, program, state = train_phase(
+                w, config, backend, w.train_batch, inputs=tr, compiler_options=copts, profile_dir=profile_dir
             )
-            sec = _util.median(run["times"])
-            ips = train_batch / sec if sec else None
-            state = run.pop("state")
-            rec.update(
-                train_step_s=sec,
-                train_step_s_all=run["times"],
-                train_images_per_s=ips,
-                train_compile_s=run["compile_s"],
-                train_lower_s=run["lower_s"],
-                train_first_step_s=run["first_step_s"],
-                train_memory_estimate_bytes=run["memory_estimate"],
-                train_peak_bytes_in_use=peak_bytes_in_use(dev),
-                train_loss=run["loss"],
-                train_tflops_per_s=train_fpi * ips / 1e12 if ips else None,
-                mfu_train=_util.mfu(train_fpi, ips, peak),
-            )
-            rec["num_params"] = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state["params"])))
-            variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-            del state, run
+            rec.update(harness.phase_fields("train", phase, train_fpi, peak))
+            metrics = {k: float(v) for k, v in phase.last.compute().items()}
+            rec.update(train_loss=metrics["loss"], train_grad_norm=metrics["grad_norm"])
+            variables = state.eval_variables()
+            del state
+        if program is None:
+            program = build_program(config, w.num_classes, backend.device)
+        rec["num_params"] = program.num_params
         if not skip_infer:
             if variables is None:
-                st = init_state(model, tx, image_size, in_chans, seed, copts)
-                variables = {"params": st["params"], "batch_stats": st["batch_stats"]}
-                rec["num_params"] = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(st["params"])))
-                del st
-            inf = _infer_run(
-                model,
-                variables,
-                infer_batch,
-                image_size,
-                in_chans,
-                num_classes,
-                warmup,
-                steps,
-                seed,
-                inputs.get("infer_images"),
-                copts,
+                variables = program.init_state(program.init_rng).eval_variables()
+            phase = infer_phase(
+                w, program, variables, backend, images=inputs.get("infer_images"), compiler_options=copts
             )
-            sec = _util.median(inf["times"])
-            ips = infer_batch / sec if sec else None
-            rec.update(
-                infer_step_s=sec,
-                infer_step_s_all=inf["times"],
-                infer_images_per_s=ips,
-                infer_compile_s=inf["compile_s"],
-                infer_memory_estimate_bytes=inf["memory_estimate"],
-                infer_tflops_per_s=infer_fpi * ips / 1e12 if ips else None,
-                mfu_infer=_util.mfu(infer_fpi, ips, peak),
-            )
+            rec.update(harness.phase_fields("infer", phase, infer_fpi, peak))
         del variables
         gc.collect()
-        rec["peak_bytes_in_use"] = peak_bytes_in_use(dev)
+        harness.finish_record(rec)
+        if profile_dir and os.path.isdir(profile_dir):
+            from benchmarks import profile_table
+
+            rec["profile"] = profile_table.summarise(profile_dir)
         if find_max:
             if max_batch_limit is None:
-                max_batch_limit = 4 * train_batch if dev.platform == "cpu" else 8192
-            known = (
-                [{"batch": train_batch, "fits": True, "images_per_s": rec["train_images_per_s"]}]
-                if ("train_images_per_s" in rec)
-                else []
-            )
-            rec["max_batch_search"] = find_max_batch(
-                model,
-                tx,
-                train_batch,
-                image_size,
-                in_chans,
-                num_classes,
-                max_batch_limit,
-                seed=seed,
-                known=known,
-                compiler_options=copts,
-            )
+                max_batch_limit = 4 * w.train_batch if backend.platform == "cpu" else 8192
+            known = [{"batch": w.train_batch, "fits": True, "images_per_s": rec.get("train_images_per_s")}]
+
+            def at(batch: int) -> float | None:
+                cfg = w.config(batch)
+                cfg.attention_impl, cfg.remat = attention, remat
+                quick = dataclasses.replace(w, warmup=1, steps=2)
+                return train_phase(quick, cfg, backend, batch, compiler_options=copts)[0].images_per_s
+
+            rec["max_batch_search"] = harness.find_max_batch(
+                at, w.train_batch, max_batch_limit, known=known if "train_images_per_s" in rec else [],
+                cleanup=jax.clear_caches,
+            )  # fmt: skip
             rec["max_train_batch"] = rec["max_batch_search"]["max_train_batch"]
     return rec
 
 
 def summary(rec: dict[str, Any]) -> str:
     """A few human-readable lines of a record."""
+    fmt, gib, pct = harness.fmt, harness.gib, harness.pct
     lines = [
-        f"{rec['model']}@{rec['image_size']} {rec['framework']}/{rec['mode']} {rec['dtype']} on {rec['device_kind']}",
+        f"{rec['model']}@{rec['image_size']} {rec['framework']}/{rec['mode']} {rec['dtype']} on {rec['device_kind']} "
+        f"({rec.get('recipe')})",
     ]
     if "train_images_per_s" in rec:
         lines.append(
-            f"  train  batch {rec['train_batch']}: {_util.fmt(rec['train_images_per_s'])} img/s "
-            f"(step {_util.fmt(1e3 * rec['train_step_s'], 2)} ms), MFU {_util.pct(rec.get('mfu_train'))}, "
-            f"compile {_util.fmt(rec.get('train_compile_s'), 2)} s, "
-            f"peak {_util.gib(rec.get('train_peak_bytes_in_use'))} GiB, "
-            f"XLA estimate {_util.gib(rec.get('train_memory_estimate_bytes'))} GiB"
+            f"  train  batch {rec['train_batch']}: {fmt(rec['train_images_per_s'])} img/s "
+            f"(step {fmt(1e3 * rec['train_step_s'], 2)} ms), MFU {pct(rec.get('mfu_train'))}, "
+            f"compile {fmt(rec.get('train_compile_s'), 2)} s, peak {gib(rec.get('train_peak_bytes_in_use'))} GiB, "
+            f"XLA estimate {gib(rec.get('train_memory_estimate_bytes'))} GiB"
         )
     if "infer_images_per_s" in rec:
         lines.append(
-            f"  infer  batch {rec['infer_batch']}: {_util.fmt(rec['infer_images_per_s'])} img/s "
-            f"(step {_util.fmt(1e3 * rec['infer_step_s'], 2)} ms), MFU {_util.pct(rec.get('mfu_infer'))}, "
-            f"compile {_util.fmt(rec.get('infer_compile_s'), 2)} s"
+            f"  infer  batch {rec['infer_batch']}: {fmt(rec['infer_images_per_s'])} img/s "
+            f"(step {fmt(1e3 * rec['infer_step_s'], 2)} ms), MFU {pct(rec.get('mfu_infer'))}, "
+            f"compile {fmt(rec.get('infer_compile_s'), 2)} s"
         )
     if "max_train_batch" in rec:
         lines.append(
             f"  largest training batch that fits: {rec['max_train_batch']} ({rec['max_batch_search']['tries']})"
         )
     return "\n".join(lines)
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Arguments shared with compare.py."""
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype (params stay float32)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="sgd: faster compiles (smoke tests)")
-    p.add_argument("--fast-compile", action="store_true", help="ours: unoptimised XLA codegen (smoke tests only)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak TFLOP/s for MFU")
-    p.add_argument("--find-max-batch", action="store_true", help="double the train batch until out of memory")
-    p.add_argument("--max-batch-limit", type=int, default=None, help="largest batch --find-max-batch tries")
-    p.add_argument("--json", default=None, help="write the record(s) to this JSON file")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -551,36 +340,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--infer-batch", type=int, default=256)
     p.add_argument("--attention", default="explicit", choices=ATTENTION_IMPLS)
     p.add_argument("--remat", action="store_true", help="rematerialise blocks in the backward pass")
-    p.add_argument("--act", default="quick_gelu", help="MLP activation: quick_gelu (official) or gelu (HF)")
+    p.add_argument("--fast-compile", action="store_true", help="unoptimised XLA codegen (CPU smoke tests only)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
-    add_common_args(p)
+    p.add_argument("--profile-dir", default=None, help="trace 5 train steps here and write op_table.txt")
+    add_workload_args(p)
     args = p.parse_args(argv)
+    w = workload_from_args(args, args.model, args.image_size, args.train_batch, args.infer_batch)
     rec = benchmark(
-        model_name=args.model,
-        image_size=args.image_size,
-        train_batch=args.train_batch,
-        infer_batch=args.infer_batch,
-        dtype=args.dtype,
+        w,
         attention=args.attention,
         remat=args.remat,
-        steps=args.steps,
-        warmup=args.warmup,
-        num_classes=args.num_classes,
-        act=args.act,
-        optimizer=args.optimizer,
-        fast_compile=args.fast_compile,
         peak_tflops=args.peak_tflops,
         find_max=args.find_max_batch,
         max_batch_limit=args.max_batch_limit,
         skip_train=args.skip_train,
         skip_infer=args.skip_infer,
-        seed=args.seed,
+        fast_compile=args.fast_compile,
+        profile_dir=args.profile_dir,
     )
-    rec["host"] = _util.host_info()
+    rec["host"] = harness.host_info()
     rec["argv"] = sys.argv[1:] if argv is None else list(argv)
     print(summary(rec))
-    _util.write_json(args.json, rec)
+    harness.write_json(args.json, rec)
     return rec
 
 

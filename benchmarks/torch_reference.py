@@ -1,13 +1,19 @@
-"""PyTorch reference throughput: HuggingFace ``CvtForImageClassification`` built from our variant's spec.
+"""PyTorch reference throughput: HuggingFace ``CvtForImageClassification`` doing our training recipe's work.
 
     python -m benchmarks.torch_reference --model cvt_13 --image-size 224 --train-batch 128 --infer-batch 256 \
-        --dtype bfloat16 --modes eager,compile [--channels-last] [--find-max-batch] [--json OUT]
+        [--recipe configs/imagenet.py:variant=13] [--set KEY=VALUE ...] --modes eager,compile [--channels-last] \
+        [--find-max-batch] [--json OUT]
 
-No download: the model is built from a `CvtConfig` that maps our `CvTSpec` field by field (random weights;
-throughput does not depend on them). Train step: forward under autocast (``--dtype bfloat16`` on CUDA, or on
-CPU where it is slow but works), cross-entropy, backward, AdamW (``fused=True`` on CUDA), ``zero_grad``;
-inference under ``torch.inference_mode``. ``--modes eager,compile`` runs eager and ``torch.compile`` (default
-inductor mode; ``--compile-mode max-autotune`` etc.). Timing: median step with ``torch.cuda.synchronize``.
+No download: the model is built from a `CvtConfig` that maps our `CvTSpec` (with the recipe's stochastic
+depth) field by field (random weights; throughput does not depend on them). The train step does what the
+recipe's JAX step does (`benchmarks.recipe.train_recipe`): label smoothing, Mixup/CutMix of the batch with its
+reverse (timm batch mode) when the recipe mixes, forward under autocast (``--dtype bfloat16``), soft-target
+cross-entropy in float32, backward, the gradient norm (clipped when the recipe clips), AdamW
+(``fused=True`` on CUDA) with the same decay groups (no decay on biases, norms and the class token), the
+warmup-cosine learning rate per step, ``zero_grad``, and the accuracy metric. Inference: ``eval()`` and
+``torch.inference_mode``, with the eval metrics (loss, top-1, top-5) as our eval step. ``--modes
+eager,compile`` runs eager and ``torch.compile`` of the model (default inductor mode; ``--compile-mode
+max-autotune`` etc.). Timing: `benchmarks.harness.measure`, each step synchronised (``torch.cuda.synchronize``).
 
 Differences from our model that the numbers carry (HuggingFace port): exact-erf GELU instead of the
 official quick-GELU (compare.py builds ours with ``act='gelu'`` to match), and the port's stochastic depth
@@ -22,15 +28,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
+import math
 import sys
-import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks import _util
+from benchmarks import harness
+from benchmarks.recipe import Workload, add_workload_args, train_recipe, workload_from_args
 from cvt_flax import flops
 from cvt_flax.models.spec import CvTSpec
 
@@ -38,12 +46,13 @@ MODES = ("eager", "compile")
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _get_spec(name: str) -> CvTSpec:
-    # The registry module imports jax.numpy (for dtypes); importing it here is cheap once compare.py has
-    # imported JAX, and standalone it only initialises JAX's Python side (no device is touched).
+def workload_spec(config: Any) -> CvTSpec:
+    """The spec our model trains with under ``config`` (variant plus the recipe's drop rates), RGB input."""
+    # These modules import jax.numpy (for dtypes): only JAX's Python side, no device is touched.
+    from cvt_flax import train_utils as tu
     from cvt_flax.models.registry import get_spec
 
-    return get_spec(name)
+    return get_spec(config.model, **tu.spec_overrides(config, 3))
 
 
 def cvt_config_from_spec(spec: CvTSpec, num_classes: int = 1000) -> Any:
@@ -125,9 +134,28 @@ class _Logits(torch.nn.Module):
         return self.model(pixel_values=x, return_dict=False)[0]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class TorchBackend:
+    """`harness.Backend` for one torch device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.platform = device.type
+        self.device_kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    def sync(self, result: Any) -> None:
+        del result
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
+    def free(self) -> None:
+        free_memory(self.device)
 
 
 def _autocast(device: torch.device, dtype: str) -> Any:
@@ -136,17 +164,9 @@ def _autocast(device: torch.device, dtype: str) -> Any:
     return torch.autocast(device_type=device.type, dtype=_TORCH_DTYPES[dtype])
 
 
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def free_memory(device: torch.device | None = None) -> None:
     """Collects garbage and returns torch's cached CUDA blocks (so that JAX can use them)."""
+    del device
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -178,162 +198,151 @@ def _inputs(
     return x, y.to(device)
 
 
-def make_optimizer(model: torch.nn.Module, name: str, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (``fused=True`` on CUDA; decay on matrices only, as ours) or SGD with momentum 0.9."""
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    if name != "adamw":
-        raise ValueError(f"Unknown optimizer {name!r}; choose adamw or sgd.")
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups as our `weight_decay_mask`: no decay on biases, norms (ndim <= 1) and class tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or "cls_token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _train_run(
-    spec: CvTSpec,
+def make_optimizer(model: torch.nn.Module, recipe: dict[str, Any], device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimizer: AdamW (``fused=True`` on CUDA) or SGD with momentum, with our decay groups."""
+    groups = decay_groups(model, recipe["weight_decay"])
+    lr = recipe["learning_rate"]
+    if recipe["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe["momentum"], nesterov=recipe["nesterov"])
+    if recipe["optimizer"] != "adamw":
+        raise ValueError(f"Unknown optimizer {recipe['optimizer']!r}; choose adamw or sgd.")
+    betas = (recipe["b1"], recipe["b2"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=recipe["eps"], fused=device.type == "cuda")
+
+
+def lr_factor(recipe: dict[str, Any]) -> Any:
+    """Step -> learning rate / peak, as `train_utils.create_learning_rate_schedule` (warmup, then cosine)."""
+    peak, warm, total = recipe["learning_rate"], recipe["warmup_steps"], recipe["total_steps"]
+    init, end = recipe["warmup_init_lr"], recipe["min_learning_rate"]
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (init + (peak - init) * step / warm) / peak
+        span = max(total, warm + 1) - warm
+        t = min(max(step - warm, 0), span) / span
+        return (end + (peak - end) * 0.5 * (1 + math.cos(math.pi * t))) / peak
+
+    return factor
+
+
+def mix_batch(
+    x: torch.Tensor, targets: torch.Tensor, recipe: dict[str, Any], rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup/CutMix of a batch with its reverse (timm batch mode, one lambda per batch), as `data.mix_batch`."""
+    ma, ca, prob = recipe["mixup_alpha"], recipe["cutmix_alpha"], recipe["mix_prob"]
+    if (ma <= 0 and ca <= 0) or prob <= 0 or rng.random() >= prob:
+        return x, targets
+    use_cutmix = rng.random() < recipe["cutmix_switch_prob"] if ma > 0 and ca > 0 else ca > 0
+    flipped = x.flip(0)
+    if use_cutmix:
+        lam = float(rng.beta(ca, ca))
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h)
+        x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
+        lam = 1.0 - float((y1 - y0) * (x1 - x0)) / (h * w)
+    else:
+        lam = float(rng.beta(ma, ma))
+        x = x * lam + flipped * (1.0 - lam)
+    return x, targets * lam + targets.flip(0) * (1.0 - lam)
+
+
+def _grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _compiled(net: torch.nn.Module, mode: str, compile_mode: str | None) -> torch.nn.Module:
+    return torch.compile(net, mode=compile_mode) if mode == "compile" else net
+
+
+def train_phase(
+    w: Workload,
+    config: Any,
+    backend: TorchBackend,
     mode: str,
     batch: int,
-    image_size: int,
-    num_classes: int,
-    dtype: str,
-    device: torch.device,
-    warmup: int,
-    steps: int,
-    channels_last: bool,
-    compile_mode: str | None,
-    seed: int,
-    images: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-    optimizer: str = "adamw",
-) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    model = build_model(spec, num_classes, device, channels_last).train()
-    net = _Logits(model)
-    if mode == "compile":
-        net = torch.compile(net, mode=compile_mode)
-    opt = make_optimizer(model, optimizer, device)
-    x, y = _inputs(batch, image_size, spec.in_chans, num_classes, device, channels_last, images, labels, seed)
-
-    box: dict[str, torch.Tensor] = {}
-
-    def one() -> torch.Tensor:
-        with _autocast(device, dtype):
-            logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        box["loss"] = loss
-        return loss
-
-    _reset_peak(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    one()
-    _sync(device)
-    first_step_s = time.perf_counter() - t0
-    times = _util.time_calls(one, lambda _: _sync(device), max(0, warmup - 1), steps)
-    loss = float(box["loss"].detach())
-    out = {
-        "times": times,
-        "first_step_s": first_step_s,
-        "peak": _peak(device),
-        "loss": loss,
-        "num_params": int(sum(p.numel() for p in model.parameters())),
-        "model": model,
-    }
-    return out
-
-
-def _infer_run(
-    model: torch.nn.Module,
-    mode: str,
-    batch: int,
-    image_size: int,
-    num_classes: int,
-    dtype: str,
-    device: torch.device,
-    warmup: int,
-    steps: int,
-    channels_last: bool,
-    compile_mode: str | None,
-    seed: int,
-    images: np.ndarray | None = None,
-) -> dict[str, Any]:
-    model.eval()
-    net = _Logits(model)
-    if mode == "compile":
-        net = torch.compile(net, mode=compile_mode)
-    x, _ = _inputs(batch, image_size, model.config.num_channels, num_classes, device, channels_last, images, None, seed)
-
-    def one() -> torch.Tensor:
-        with torch.inference_mode(), _autocast(device, dtype):
-            return net(x)
-
-    _reset_peak(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    one()
-    _sync(device)
-    first_step_s = time.perf_counter() - t0
-    times = _util.time_calls(one, lambda _: _sync(device), max(0, warmup - 1), steps)
-    return {"times": times, "first_step_s": first_step_s, "peak": _peak(device)}
-
-
-def find_max_batch(
-    spec: CvTSpec,
-    mode: str,
-    start: int,
-    image_size: int,
-    num_classes: int,
-    dtype: str,
-    device: torch.device,
-    limit: int,
+    *,
     channels_last: bool = False,
     compile_mode: str | None = None,
-    steps: int = 2,
-    seed: int = 0,
-    optimizer: str = "adamw",
-    known: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Doubles the training batch from ``start`` until CUDA runs out of memory (or ``limit`` is passed).
+    images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> tuple[harness.Phase, torch.nn.Module]:
+    """Builds and times the reference train step at ``batch``; returns the phase (last: loss) and the model."""
+    device = backend.device
+    recipe = train_recipe(config, w.num_classes)
+    torch.manual_seed(w.seed)
+    model = build_model(workload_spec(config), w.num_classes, device, channels_last).train()
+    net = _compiled(_Logits(model), mode, compile_mode)
+    opt = make_optimizer(model, recipe, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(recipe))
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = _inputs(batch, w.image_size, 3, w.num_classes, device, channels_last, images, labels, w.seed)
+    smoothing, k = recipe["label_smoothing"], w.num_classes
+    rng = np.random.default_rng(w.seed)
 
-    ``known``: tries already made (e.g. the benchmark's own batch, which fits); the search continues after them.
-    """
-    tries: list[dict[str, Any]] = list(known or [])
-    best = max((t["batch"] for t in tries if t["fits"]), default=None)
-    batch = start if best is None else 2 * best
-    while batch <= limit:
-        try:
-            run = _train_run(
-                spec,
-                mode,
-                batch,
-                image_size,
-                num_classes,
-                dtype,
-                device,
-                1,
-                steps,
-                channels_last,
-                compile_mode,
-                seed,
-                optimizer=optimizer,
-            )
-            sec = _util.median(run["times"])
-            tries.append({"batch": batch, "fits": True, "images_per_s": batch / sec if sec else None})
-            best = batch
-            del run
-        except Exception as err:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
-            if not _util.is_oom(err):
-                raise
-            tries.append({"batch": batch, "fits": False, "error": str(err).splitlines()[0][:300]})
-            break
-        finally:
-            free_memory(device)
-        batch *= 2
-    return {"max_train_batch": best, "tries": tries, "limit": limit}
+    def step() -> dict[str, torch.Tensor]:
+        targets = torch.nn.functional.one_hot(y, k).float() * (1.0 - smoothing) + smoothing / k
+        inputs, targets = mix_batch(x, targets, recipe, rng)
+        with _autocast(device, w.dtype):
+            logits = net(inputs)
+        loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        loss.backward()
+        grad_norm = _grad_norm(params, recipe["grad_clip_norm"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        accuracy = (logits.argmax(-1) == y).float().mean()
+        return {"loss": loss.detach(), "accuracy": accuracy, "grad_norm": grad_norm}
+
+    phase = harness.measure(step, backend, batch=batch, warmup=w.warmup, steps=w.steps)
+    return phase, model
+
+
+def infer_phase(
+    w: Workload,
+    model: torch.nn.Module,
+    backend: TorchBackend,
+    mode: str,
+    *,
+    channels_last: bool = False,
+    compile_mode: str | None = None,
+    images: np.ndarray | None = None,
+) -> harness.Phase:
+    """Times the reference eval step: ``eval()`` forward under ``inference_mode`` and the eval metrics."""
+    model.eval()
+    net = _compiled(_Logits(model), mode, compile_mode)
+    labels = None if images is None else np.zeros(len(images), np.int64)
+    x, y = _inputs(
+        w.infer_batch, w.image_size, 3, w.num_classes, backend.device, channels_last, images, labels, w.seed + 7
+    )
+    top = min(5, w.num_classes)
+
+    def step() -> dict[str, torch.Tensor]:
+        with torch.inference_mode(), _autocast(backend.device, w.dtype):
+            logits = net(x).float()
+            loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            top1 = (logits.argmax(-1) == y).float()
+            top5 = (logits.topk(top, dim=-1).indices == y[:, None]).any(-1).float()
+            return {"loss": loss, "accuracy": top1, "top5_accuracy": top5}
+
+    return harness.measure(step, backend, batch=w.infer_batch, warmup=w.warmup, steps=w.steps)
 
 
 def default_device() -> torch.device:
@@ -342,48 +351,31 @@ def default_device() -> torch.device:
 
 
 def benchmark(
-    model_name: str = "cvt_13",
-    image_size: int = 224,
-    train_batch: int = 128,
-    infer_batch: int = 256,
-    dtype: str = "bfloat16",
+    w: Workload,
+    *,
     mode: str = "eager",
-    steps: int = 20,
-    warmup: int = 3,
-    num_classes: int = 1000,
     channels_last: bool = False,
     compile_mode: str | None = None,
-    optimizer: str = "adamw",
     peak_tflops: float | None = None,
     find_max: bool = False,
     max_batch_limit: int | None = None,
     skip_train: bool = False,
     skip_infer: bool = False,
-    seed: int = 0,
     inputs: dict[str, Any] | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Benchmarks the HuggingFace CvT in one mode; returns a record with the same keys as throughput.py's.
+    """Benchmarks the HuggingFace CvT on a workload in one mode; a record with the keys of throughput.py's.
 
     Args:
-      model_name: Registered variant of ours; its spec is mapped to a `CvtConfig`.
-      image_size: Input side.
-      train_batch: Training batch.
-      infer_batch: Inference batch.
-      dtype: ``float32`` (no autocast) or ``bfloat16``/``float16`` (autocast).
+      w: The workload (recipe config, model, size, batches, dtype, steps).
       mode: ``eager`` or ``compile``.
-      steps: Timed steps (median reported).
-      warmup: Untimed steps (the first, which compiles, included).
-      num_classes: Classifier outputs.
       channels_last: Model and input in ``channels_last`` memory format.
       compile_mode: ``torch.compile`` mode (None: default).
-      optimizer: ``adamw`` (fused on CUDA) or ``sgd`` (momentum 0.9; smoke tests).
       peak_tflops: Override of the device's peak TFLOP/s for MFU.
       find_max: Also search the largest training batch that fits.
       max_batch_limit: Largest batch the search tries (default 8192 on CUDA, 4x the start on CPU).
       skip_train: Skip training.
       skip_infer: Skip inference.
-      seed: Seed.
       inputs: Optional host arrays ``{'train_images', 'train_labels', 'infer_images'}`` (NHWC float32).
       device: Torch device (default: CUDA if available).
 
@@ -392,144 +384,81 @@ def benchmark(
     """
     if mode not in MODES:
         raise ValueError(f"Unknown torch mode {mode!r}; choose from {MODES}.")
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(_TORCH_DTYPES)}.")
-    device = device or default_device()
+    if w.dtype not in _TORCH_DTYPES:
+        raise ValueError(f"Unknown dtype {w.dtype!r}; choose one of {sorted(_TORCH_DTYPES)}.")
+    if w.act != "gelu":
+        raise ValueError(f"The HuggingFace CvT has exact GELU only; benchmark ours with --act gelu, not {w.act!r}.")
+    backend = TorchBackend(device or default_device())
+    device = backend.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotuned convolutions (XLA autotunes as well)
         # float32 runs: TF32 matmuls, as XLA's default precision on Ampere and newer (no effect on bf16 autocast).
         torch.set_float32_matmul_precision("high")
-    spec = _get_spec(model_name)
-    spec.token_grid(image_size, image_size)
-    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak, peak_src = _util.peak_tflops_for(kind, peak_tflops)
-    train_fpi = flops.train_flops_per_image(spec, image_size, num_classes)
-    infer_fpi = flops.inference_flops_per_image(spec, image_size, num_classes)
+    config = w.config()
+    spec = workload_spec(config)
+    spec.token_grid(w.image_size, w.image_size)
+    train_fpi = flops.train_flops_per_image(spec, w.image_size, w.num_classes)
+    infer_fpi = flops.inference_flops_per_image(spec, w.image_size, w.num_classes)
     import transformers
 
-    rec: dict[str, Any] = {
-        "framework": "torch",
-        "mode": mode
-        + (f"/{compile_mode}" if mode == "compile" and compile_mode else "")
-        + ("/channels_last" if channels_last else ""),
-        "model": model_name,
-        "image_size": image_size,
-        "num_classes": num_classes,
-        "dtype": dtype,
-        "channels_last": channels_last,
-        "act": "gelu",
-        "train_batch": train_batch,
-        "infer_batch": infer_batch,
-        "steps": steps,
-        "warmup": warmup,
-        "device": str(device),
-        "device_kind": kind,
-        "platform": device.type,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "optimizer": optimizer,
-        "fused_adamw": optimizer == "adamw" and device.type == "cuda",
-        "train_flops_per_image": train_fpi,
-        "inference_flops_per_image": infer_fpi,
-        "peak_tflops": peak,
-        "peak_tflops_source": peak_src,
-    }
+    full_mode = mode + (f"/{compile_mode}" if mode == "compile" and compile_mode else "")
+    full_mode += "/channels_last" if channels_last else ""
+    rec = harness.base_record(
+        "torch", full_mode, w, backend, train_flops_per_image=train_fpi, inference_flops_per_image=infer_fpi,
+        peak_tflops=peak_tflops,
+    )  # fmt: skip
+    peak = rec["peak_tflops"]
+    recipe = train_recipe(config, w.num_classes)
+    rec.update(
+        channels_last=channels_last,
+        device=str(device),
+        torch_version=torch.__version__,
+        transformers_version=transformers.__version__,
+        optimizer=recipe["optimizer"],
+        fused_adamw=recipe["optimizer"] == "adamw" and device.type == "cuda",
+    )
     inputs = inputs or {}
     model = None
     if not skip_train:
-        run = _train_run(
-            spec,
-            mode,
-            train_batch,
-            image_size,
-            num_classes,
-            dtype,
-            device,
-            warmup,
-            steps,
-            channels_last,
-            compile_mode,
-            seed,
-            inputs.get("train_images"),
-            inputs.get("train_labels"),
-            optimizer,
-        )
-        sec = _util.median(run["times"])
-        ips = train_batch / sec if sec else None
-        model = run.pop("model")
-        rec.update(
-            train_step_s=sec,
-            train_step_s_all=run["times"],
-            train_images_per_s=ips,
-            # torch.compile compiles inside the first call: its time (compile + one step) is the compile time.
-            train_compile_s=run["first_step_s"] if mode == "compile" else None,
-            train_first_step_s=run["first_step_s"],
-            train_peak_bytes_in_use=run["peak"],
-            train_loss=run["loss"],
-            train_tflops_per_s=train_fpi * ips / 1e12 if ips else None,
-            mfu_train=_util.mfu(train_fpi, ips, peak),
-            num_params=run["num_params"],
-        )
-        del run
+        phase, model = train_phase(
+            w, config, backend, mode, w.train_batch, channels_last=channels_last, compile_mode=compile_mode,
+            images=inputs.get("train_images"), labels=inputs.get("train_labels"),
+        )  # fmt: skip
+        rec.update(harness.phase_fields("train", phase, train_fpi, peak))
+        # torch.compile compiles inside the first call: its time (compile + one step) is the compile time.
+        rec["train_compile_s"] = phase.first_step_s if mode == "compile" else None
+        rec["train_loss"] = float(phase.last["loss"])
+        rec["train_grad_norm"] = float(phase.last["grad_norm"])
+    if model is None:
+        torch.manual_seed(w.seed)
+        model = build_model(spec, w.num_classes, device, channels_last)
+    rec["num_params"] = int(sum(p.numel() for p in model.parameters()))
     if not skip_infer:
-        if model is None:
-            torch.manual_seed(seed)
-            model = build_model(spec, num_classes, device, channels_last)
-            rec["num_params"] = int(sum(p.numel() for p in model.parameters()))
         free_memory(device)
-        inf = _infer_run(
-            model,
-            mode,
-            infer_batch,
-            image_size,
-            num_classes,
-            dtype,
-            device,
-            warmup,
-            steps,
-            channels_last,
-            compile_mode,
-            seed,
-            inputs.get("infer_images"),
-        )
-        sec = _util.median(inf["times"])
-        ips = infer_batch / sec if sec else None
-        rec.update(
-            infer_step_s=sec,
-            infer_step_s_all=inf["times"],
-            infer_images_per_s=ips,
-            infer_compile_s=inf["first_step_s"] if mode == "compile" else None,
-            infer_first_step_s=inf["first_step_s"],
-            infer_peak_bytes_in_use=inf["peak"],
-            infer_tflops_per_s=infer_fpi * ips / 1e12 if ips else None,
-            mfu_infer=_util.mfu(infer_fpi, ips, peak),
-        )
+        phase = infer_phase(
+            w, model, backend, mode, channels_last=channels_last, compile_mode=compile_mode,
+            images=inputs.get("infer_images"),
+        )  # fmt: skip
+        rec.update(harness.phase_fields("infer", phase, infer_fpi, peak))
+        rec["infer_compile_s"] = phase.first_step_s if mode == "compile" else None
     del model
     free_memory(device)
-    rec["peak_bytes_in_use"] = max(
-        (v for v in (rec.get("train_peak_bytes_in_use"), rec.get("infer_peak_bytes_in_use")) if v is not None),
-        default=None,
-    )
+    harness.finish_record(rec)
     if find_max:
         if max_batch_limit is None:
-            max_batch_limit = 4 * train_batch if device.type == "cpu" else 8192
-        rec["max_batch_search"] = find_max_batch(
-            spec,
-            mode,
-            train_batch,
-            image_size,
-            num_classes,
-            dtype,
-            device,
-            max_batch_limit,
-            channels_last,
-            compile_mode,
-            seed=seed,
-            optimizer=optimizer,
-            known=[{"batch": train_batch, "fits": True, "images_per_s": rec["train_images_per_s"]}]
-            if "train_images_per_s" in rec
-            else [],
-        )
+            max_batch_limit = 4 * w.train_batch if device.type == "cpu" else 8192
+        quick = dataclasses.replace(w, warmup=1, steps=2)
+
+        def at(batch: int) -> float | None:
+            cfg = w.config(batch)
+            return train_phase(quick, cfg, backend, mode, batch, channels_last=channels_last,
+                               compile_mode=compile_mode)[0].images_per_s  # fmt: skip
+
+        known = [{"batch": w.train_batch, "fits": True, "images_per_s": rec.get("train_images_per_s")}]
+        rec["max_batch_search"] = harness.find_max_batch(
+            at, w.train_batch, max_batch_limit, known=known if "train_images_per_s" in rec else [],
+            cleanup=backend.free,
+        )  # fmt: skip
         rec["max_train_batch"] = rec["max_batch_search"]["max_train_batch"]
     return rec
 
@@ -540,68 +469,55 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--infer-batch", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(_TORCH_DTYPES))
     p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--find-max-batch", action="store_true")
-    p.add_argument("--max-batch-limit", type=int, default=None)
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    add_workload_args(p)
     args = p.parse_args(argv)
+    w = workload_from_args(args, args.model, args.image_size, args.train_batch, args.infer_batch)
     device = torch.device(args.device) if args.device else default_device()
     recs = []
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         rec = benchmark(
-            model_name=args.model,
-            image_size=args.image_size,
-            train_batch=args.train_batch,
-            infer_batch=args.infer_batch,
-            dtype=args.dtype,
+            w,
             mode=mode,
-            steps=args.steps,
-            warmup=args.warmup,
-            num_classes=args.num_classes,
             channels_last=args.channels_last,
             compile_mode=args.compile_mode,
-            optimizer=args.optimizer,
             peak_tflops=args.peak_tflops,
             find_max=args.find_max_batch,
             max_batch_limit=args.max_batch_limit,
             skip_train=args.skip_train,
             skip_infer=args.skip_infer,
-            seed=args.seed,
             device=device,
         )
-        rec["host"] = _util.host_info()
+        rec["host"] = harness.host_info()
         rec["argv"] = sys.argv[1:] if argv is None else list(argv)
         print(summary(rec))
         recs.append(rec)
-    _util.write_json(args.json, recs)
+    harness.write_json(args.json, recs)
     return recs
 
 
 def summary(rec: dict[str, Any]) -> str:
     """A few human-readable lines of a record."""
-    lines = [f"{rec['model']}@{rec['image_size']} torch/{rec['mode']} {rec['dtype']} on {rec['device_kind']}"]
+    fmt, gib, pct = harness.fmt, harness.gib, harness.pct
+    lines = [
+        f"{rec['model']}@{rec['image_size']} torch/{rec['mode']} {rec['dtype']} on {rec['device_kind']} "
+        f"({rec.get('recipe')})"
+    ]
     if "train_images_per_s" in rec:
         lines.append(
-            f"  train  batch {rec['train_batch']}: {_util.fmt(rec['train_images_per_s'])} img/s, "
-            f"MFU {_util.pct(rec.get('mfu_train'))}, first step {_util.fmt(rec['train_first_step_s'], 2)} s, "
-            f"peak {_util.gib(rec.get('train_peak_bytes_in_use'))} GiB"
+            f"  train  batch {rec['train_batch']}: {fmt(rec['train_images_per_s'])} img/s, "
+            f"MFU {pct(rec.get('mfu_train'))}, first step {fmt(rec['train_first_step_s'], 2)} s, "
+            f"peak {gib(rec.get('train_peak_bytes_in_use'))} GiB"
         )
     if "infer_images_per_s" in rec:
         lines.append(
-            f"  infer  batch {rec['infer_batch']}: {_util.fmt(rec['infer_images_per_s'])} img/s, "
-            f"MFU {_util.pct(rec.get('mfu_infer'))}, first step {_util.fmt(rec['infer_first_step_s'], 2)} s"
+            f"  infer  batch {rec['infer_batch']}: {fmt(rec['infer_images_per_s'])} img/s, "
+            f"MFU {pct(rec.get('mfu_infer'))}, first step {fmt(rec['infer_first_step_s'], 2)} s"
         )
     if "max_train_batch" in rec:
         lines.append(f"  largest training batch that fits: {rec['max_train_batch']}")

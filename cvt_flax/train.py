@@ -36,7 +36,6 @@ checkpoint stays the latest.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging as std_logging
 import os
@@ -60,9 +59,6 @@ from cvt_flax import models, plots, writers
 from cvt_flax import train_utils as tu
 
 PyTree = Any
-
-# XLA options for programs that run once (initialisation) on CPU: skip the slow LLVM passes.
-_CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
@@ -617,12 +613,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     info = data.get_dataset_info(config)
     in_chans = int(info.channels)
     num_classes = int(info.num_classes)
-    model = tu.create_model(config, num_classes, in_chans)
+    validate_image_size(config, models.get_spec(config.model))
+    program = tu.build_program(
+        config, mesh, num_classes=num_classes, in_chans=in_chans, num_train_examples=info.num_train_examples
+    )
+    model, run = program.model, program.run
     spec = model.spec
-    validate_image_size(config, spec)
-    run = tu.derive_run_length(config, info.num_train_examples)
-    schedule = tu.create_learning_rate_schedule(config, run)
-    tx = tu.create_optimizer(config, schedule)
     logging.info(
         "Dataset %s: %d classes, %d train / %d eval examples, %d channel(s) at %dx%d. Model %s (%s), %d devices, "
         "%d process(es).",
@@ -636,20 +632,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         tu.peak_learning_rate(config), run.warmup_steps, run.eval_every_steps, run.checkpoint_every_steps,
     )  # fmt: skip
 
-    root_rng = jax.random.PRNGKey(config.seed)
-    init_rng, dropout_rng = jax.random.fold_in(root_rng, 0), jax.random.fold_in(root_rng, 1)
     rep = tu.replicated_sharding(mesh)
-
-    def init_fn(rng: jax.Array) -> tu.TrainState:
-        variables = tu.init_variables(model, rng, config.image_size, in_chans)
-        return tu.create_train_state(model, tx, variables, config.ema_decay)
-
-    # Initialisation runs once: on CPU, compile it without LLVM's expensive passes
-    # (random initialisers make a large program; this cuts its compile time ~3x).
-    init_opts = _CHEAP_COMPILE if jax.default_backend() == "cpu" else None
-    init_state = jax.jit(init_fn, out_shardings=rep, compiler_options=init_opts)
-    abstract_state = jax.eval_shape(init_fn, init_rng)  # Shapes only: nothing compiled yet.
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    init_rng, init_state, abstract_state = program.init_rng, program.init_state, program.abstract_state
+    num_params = program.num_params
     macs = _safe_macs(spec, config.image_size, num_classes)
     logging.info("Parameters: %s; %.3f GMACs per image at %d px.", f"{num_params:,}", macs / 1e9, config.image_size)
 
@@ -686,7 +671,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if is_main:
             _log_parameter_overview(state.params)
 
-        eval_fn = tu.make_eval_step(mesh, model.apply)
+        eval_fn = program.eval_step
         if config.eval_only:
             eval_metrics = tu.evaluate(eval_fn, state.eval_variables(), data.create_eval_iterator(config, mesh))
             result = {
@@ -706,8 +691,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return result
 
         return _train_loop(
-            config, workdir_path, state, model, mesh, run, schedule, ckpts, best, eval_fn, dropout_rng, info,
-            num_params, macs, t_start, stop_flag,
+            config, workdir_path, state, program, mesh, ckpts, best, info, macs, t_start, stop_flag,
         )  # fmt: skip
     finally:
         stop_flag.uninstall()
@@ -763,16 +747,11 @@ def _train_loop(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
     state: tu.TrainState,
-    model: Any,
+    program: tu.TrainProgram,
     mesh: Any,
-    run: tu.RunLength,
-    schedule: Any,
     ckpts: Checkpoints,
     best: dict[str, Any],
-    eval_fn: Any,
-    dropout_rng: jax.Array,
     info: Any,
-    num_params: int,
     macs: float,
     t_start: float,
     stop_flag: _StopFlag,
@@ -781,6 +760,8 @@ def _train_loop(
     is_main = jax.process_index() == 0
     start_step = int(state.step)
     num_classes = int(info.num_classes)
+    model, run, eval_fn, train_step = program.model, program.run, program.eval_step, program.train_step
+    num_params = program.num_params
     history = History(workdir / plots.HISTORY_FILE, is_main, start_step if start_step > 0 else None)
     writer = writers.create_default_writer(workdir, just_logging=not is_main)
     if start_step == 0:
@@ -788,19 +769,6 @@ def _train_loop(
     if is_main:
         _write_json(workdir / CONFIG_FILE, config.to_dict())
 
-    aug = config.aug
-    mix_fn = None
-    if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
-        mix_fn = functools.partial(_mix, aug=aug, mix_batch=data.mix_batch)
-    train_step = tu.make_train_step(
-        mesh,
-        base_rng=dropout_rng,
-        num_classes=num_classes,
-        label_smoothing=float(config.label_smoothing),
-        schedule=schedule,
-        mix_fn=mix_fn,
-        ema_decay=float(config.ema_decay),
-    )
     actions = _periodic_actions(config, writer, run.total_steps, str(workdir))
     reporter = writers.ProgressReporter(run.total_steps, config.batch_size, start_step)
     model_info = _model_info(config, model.spec, num_classes)
@@ -933,10 +901,6 @@ def _train_loop(
         wall,
     )  # fmt: skip
     return summary
-
-
-def _mix(rng: jax.Array, images: jax.Array, targets: jax.Array, *, aug: Any, mix_batch: Any) -> Any:
-    return mix_batch(rng, images, targets, aug)
 
 
 def _export_model(directory: pathlib.Path, state: tu.TrainState, model_info: Mapping[str, Any]) -> None:

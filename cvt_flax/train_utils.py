@@ -345,6 +345,19 @@ def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, ja
 MixFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
+def make_mix_fn(aug: ml_collections.ConfigDict) -> MixFn | None:
+    """The on-device Mixup/CutMix of ``config.aug`` for the train step, or None when both alphas are 0."""
+    if aug.mixup_alpha <= 0 and aug.cutmix_alpha <= 0:
+        return None
+    from cvt_flax.data.mix import mix_batch
+
+    return functools.partial(_mix, aug=aug, mix_batch=mix_batch)
+
+
+def _mix(rng: jax.Array, images: jax.Array, targets: jax.Array, *, aug: Any, mix_batch: Any) -> Any:
+    return mix_batch(rng, images, targets, aug)
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -470,6 +483,110 @@ def evaluate(
     out = {k: float(v) for k, v in total.compute().items()}
     out["count"] = int(total.accuracy.count)
     return out
+
+
+# ----------------------------------------------------------------------------- the program of a run
+
+
+# XLA options for programs that run once (initialisation) on CPU: skip the slow LLVM passes.
+CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """Everything a run compiles, built from the config in one place (`build_program`).
+
+    The training loop (`cvt_flax.train`) and the benchmarks (``benchmarks/throughput.py``)
+    both take their model, optimizer and jitted steps from here, so that what is timed
+    is what trains.
+
+    Attributes:
+      model: The `CvT` module.
+      run: Step counts of the run.
+      schedule: Learning-rate schedule.
+      tx: The optimizer (clipping, AdamW/SGD with the weight-decay mask).
+      init_rng: Key of the parameter initialisation (``fold_in(seed, 0)``).
+      dropout_rng: Base key of dropout, stochastic depth and mixup (``fold_in(seed, 1)``).
+      init_state: Jitted ``init_rng -> TrainState`` (replicated on the mesh).
+      abstract_state: Shapes of the train state (nothing compiled).
+      train_step: Jitted ``(state, batch) -> (state, TrainMetrics)``, state donated.
+      eval_step: Jitted ``(variables, batch) -> EvalMetrics``.
+      num_classes: Classifier outputs.
+      in_chans: Input channels.
+    """
+
+    model: nn.Module
+    run: RunLength
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    init_rng: jax.Array
+    dropout_rng: jax.Array
+    init_state: Callable[[jax.Array], TrainState]
+    abstract_state: TrainState
+    train_step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, TrainMetrics]]
+    eval_step: Callable[[Mapping[str, PyTree], Mapping[str, jax.Array]], EvalMetrics]
+    num_classes: int
+    in_chans: int
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters."""
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+
+def build_program(
+    config: ml_collections.ConfigDict, mesh: Mesh, *, num_classes: int, in_chans: int, num_train_examples: int
+) -> TrainProgram:
+    """Builds the model, schedule, optimizer and jitted init/train/eval functions of a run.
+
+    Args:
+      config: The run config.
+      mesh: The device mesh (axis ``'data'``).
+      num_classes: Classifier outputs (from the dataset).
+      in_chans: Input channels (from the dataset and ``config.num_channels``).
+      num_train_examples: Size of the train split (for the schedule's step counts).
+
+    Returns:
+      The `TrainProgram`.
+    """
+    model = create_model(config, num_classes, in_chans)
+    run = derive_run_length(config, num_train_examples)
+    schedule = create_learning_rate_schedule(config, run)
+    tx = create_optimizer(config, schedule)
+    root_rng = jax.random.PRNGKey(config.seed)
+    init_rng, dropout_rng = jax.random.fold_in(root_rng, 0), jax.random.fold_in(root_rng, 1)
+
+    def init_fn(rng: jax.Array) -> TrainState:
+        variables = init_variables(model, rng, config.image_size, in_chans)
+        return create_train_state(model, tx, variables, config.ema_decay)
+
+    # Initialisation runs once: on CPU, compile it without LLVM's expensive passes
+    # (random initialisers make a large program; this cuts its compile time ~3x).
+    init_opts = CHEAP_COMPILE if jax.default_backend() == "cpu" else None
+    init_state = jax.jit(init_fn, out_shardings=replicated_sharding(mesh), compiler_options=init_opts)
+    train = make_train_step(
+        mesh,
+        base_rng=dropout_rng,
+        num_classes=num_classes,
+        label_smoothing=float(config.label_smoothing),
+        schedule=schedule,
+        mix_fn=make_mix_fn(config.aug),
+        ema_decay=float(config.ema_decay),
+    )
+    return TrainProgram(
+        model=model,
+        run=run,
+        schedule=schedule,
+        tx=tx,
+        init_rng=init_rng,
+        dropout_rng=dropout_rng,
+        init_state=init_state,
+        abstract_state=jax.eval_shape(init_fn, init_rng),
+        train_step=train,
+        eval_step=make_eval_step(mesh, model.apply),
+        num_classes=int(num_classes),
+        in_chans=int(in_chans),
+    )
 
 
 @jax.jit
