@@ -197,7 +197,7 @@ def device_fed_ratio(
     """
     import jax
 
-    from cvt_flax import data
+    from cvt_flax import data, sharding
     from cvt_flax import train_utils as tu
 
     cfg = config.copy_and_resolve_references()
@@ -206,7 +206,7 @@ def device_fed_ratio(
     cfg.dtype = dtype
     cfg.num_train_steps = 10_000
     dev = jax.devices()[0]
-    mesh = tu.create_mesh([dev])
+    mesh = sharding.create_mesh([dev])
     info = data.get_dataset_info(cfg)
     # The training loop's own program (model, optimizer, jitted train step).
     program = tu.build_program(
@@ -219,7 +219,7 @@ def device_fed_ratio(
     it = data.create_train_iterator(cfg, mesh, seed=0, start_step=0)
     first = next(it)
     iterator_start_s = time.perf_counter() - t0
-    sharding = tu.data_sharding(mesh)
+    sharding = sharding.data_sharding(mesh)
     syn = {
         "image": jax.device_put(np.asarray(jax.random.normal(jax.random.PRNGKey(1), first["image"].shape)), sharding),
         "label": jax.device_put(np.zeros(first["label"].shape, np.int32), sharding),

@@ -39,7 +39,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cvt_flax import flops  # noqa: E402
+from cvt_flax import flops, sharding  # noqa: E402
 from cvt_flax import train_utils as tu  # noqa: E402
 from cvt_flax.models import get_spec  # noqa: E402
 
@@ -87,7 +87,7 @@ def memory_estimate(compiled: Any) -> int | None:
 
 def build_program(config: Any, num_classes: int, device: Any = None) -> tu.TrainProgram:
     """The training loop's program (`train_utils.build_program`) on one device, for ``config``."""
-    mesh = tu.create_mesh([device or jax.devices()[0]])
+    mesh = sharding.create_mesh([device or jax.devices()[0]])
     examples = int(config.batch_size) * NOMINAL_EPOCH_BATCHES
     return tu.build_program(config, mesh, num_classes=num_classes, in_chans=3, num_train_examples=examples)
 

@@ -55,7 +55,7 @@ from absl import logging
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
-from cvt_flax import models, plots, writers
+from cvt_flax import models, plots, sharding, writers
 from cvt_flax import train_utils as tu
 
 PyTree = Any
@@ -108,15 +108,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; set --config.optimizer to one of {tu.OPTIMIZERS}.")
     models.as_dtype(config.dtype)
     tu.resolve_depthwise_impl(config.get("depthwise_impl", "auto"))
-    n_dev, n_proc = jax.device_count(), jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
-        value = int(config[name])
-        if value <= 0 or value % n_dev or value % n_proc:
-            multiple = n_dev * n_proc // np.gcd(n_dev, n_proc)
-            raise ValueError(
-                f"--config.{name}={value} must be a positive multiple of the device count ({n_dev} devices over "
-                f"{n_proc} process(es)); use e.g. --config.{name}={max(multiple, value // multiple * multiple)}."
-            )
+        sharding.check_batch_size(config[name], name)
     for name in ("label_smoothing",):
         if not 0.0 <= config[name] < 1.0:
             raise ValueError(f"--config.{name}={config[name]} must be in [0, 1).")
@@ -609,7 +602,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir_path.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
-    mesh = tu.create_mesh()
+    mesh = sharding.create_mesh()
     info = data.get_dataset_info(config)
     in_chans = int(info.channels)
     num_classes = int(info.num_classes)
@@ -632,7 +625,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         tu.peak_learning_rate(config), run.warmup_steps, run.eval_every_steps, run.checkpoint_every_steps,
     )  # fmt: skip
 
-    rep = tu.replicated_sharding(mesh)
+    rep = sharding.replicated_sharding(mesh)
     init_rng, init_state, abstract_state = program.init_rng, program.init_state, program.abstract_state
     num_params = program.num_params
     macs = _safe_macs(spec, config.image_size, num_classes)
@@ -735,7 +728,7 @@ def _apply_init_from(
             "init_from: new classifier head (checkpoint: %s classes, now %s).",
             info.get("num_classes", "?"), merged["params"]["head"]["kernel"].shape[-1],
         )  # fmt: skip
-    merged = tu.replicate(merged, mesh)
+    merged = sharding.replicate(merged, mesh)
     state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
     if state.ema_params is not None:
         state = state.replace(ema_params=merged["params"])

@@ -1,11 +1,9 @@
 """Training building blocks: schedule, optimizer, train state, metrics and the jitted steps.
 
 Everything here is a pure function of the config and the arrays passed in, so
-that `cvt_flax.train` only has to run the loop. The steps are written for
-``jax.jit`` over a one-axis `jax.sharding.Mesh` (``'data'``): batches are
-global arrays sharded along the batch axis, the state is replicated, and XLA
-inserts the gradient all-reduce (BatchNorm statistics therefore cover the
-global batch, as in synchronised BatchNorm).
+that `cvt_flax.train` only has to run the loop. The steps are jitted over the
+one-axis mesh of `cvt_flax.sharding` (batches split on ``'data'``, the state
+replicated).
 """
 
 # No `from __future__ import annotations`: clu's metric collections read their
@@ -25,54 +23,12 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from cvt_flax import models
+from cvt_flax.sharding import data_sharding, replicated_sharding
 
 PyTree = Any
-DATA_AXIS = "data"
-
-
-# ----------------------------------------------------------------------------- mesh
-
-
-def create_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh (``'data'``) over all global devices (every host's).
-
-    Args:
-      devices: Devices to use (default: ``jax.devices()``, i.e. all processes').
-
-    Returns:
-      The mesh.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    return Mesh(np.array(devices), (DATA_AXIS,))
-
-
-def replicated_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of the train state: a full copy on every device."""
-    return NamedSharding(mesh, P())
-
-
-def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of batches: split along the leading (batch) axis."""
-    return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places host arrays (identical on every process) replicated on the mesh.
-
-    Works with several processes (each one provides its addressable copies), unlike
-    ``jax.device_put`` of host data onto non-addressable devices.
-    """
-    sharding = replicated_sharding(mesh)
-
-    def put(x: Any) -> jax.Array:
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(put, tree)
 
 
 # ----------------------------------------------------------------------------- schedule

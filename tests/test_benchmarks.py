@@ -68,8 +68,7 @@ def test_benchmarked_step_is_the_training_step(shared_dir, tmp_path):
     with another recipe (label smoothing 0 instead of 0.1) does not, so the comparison can fail."""
     import jax
 
-    from cvt_flax import data, train
-    from cvt_flax import train_utils as tu
+    from cvt_flax import data, sharding, train
 
     w = _fashion_workload()
     config = w.config()
@@ -81,7 +80,7 @@ def test_benchmarked_step_is_the_training_step(shared_dir, tmp_path):
     logged = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
 
     # The batch main.py trained on (batch k is a pure function of config, seed and k), on one device.
-    mesh = tu.create_mesh(jax.devices())
+    mesh = sharding.create_mesh(jax.devices())
     first = jax.device_get(next(data.create_train_iterator(config, mesh, seed=config.seed, start_step=0)))
     params, loss = _benchmark_step(w, jax.device_put(first, jax.devices()[0]))
     assert loss == pytest.approx(logged[0]["loss"], rel=1e-5)

@@ -3,7 +3,7 @@
 import ml_collections
 import pytest
 
-from cvt_flax import data
+from cvt_flax import data, sharding
 from cvt_flax.data import info as info_lib
 
 
@@ -140,9 +140,9 @@ def test_normalization_modes():
 
 
 def test_batch_size_checks():
-    assert info_lib.check_batch_size(64, "batch_size", 8, 2) == 32
+    assert sharding.check_batch_size(64, "batch_size", 8, 2) == 32
     with pytest.raises(ValueError, match="batch_size=60"):
-        info_lib.check_batch_size(60, "batch_size", 8, 1)
+        sharding.check_batch_size(60, "batch_size", 8, 1)
 
 
 def test_num_channels_validation():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from cvt_flax import models, plots, writers
+from cvt_flax import models, plots, sharding, writers
 from cvt_flax import train as train_lib
 from cvt_flax import train_utils as tu
 
@@ -144,11 +144,13 @@ class _FakeNet(nn.Module):
 
 
 def test_train_step_updates_batch_stats_ema_and_metrics():
-    mesh = tu.create_mesh()
+    mesh = sharding.create_mesh()
     model = _FakeNet()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)))
     tx = tu.create_optimizer(cfg(optimizer="adamw", weight_decay=0.0, grad_clip_norm=0.0), lambda s: 0.1)
-    state = jax.device_put(tu.create_train_state(model, tx, variables, ema_decay=0.5), tu.replicated_sharding(mesh))
+    state = jax.device_put(
+        tu.create_train_state(model, tx, variables, ema_decay=0.5), sharding.replicated_sharding(mesh)
+    )
     seen = []
 
     def mix(rng, images, targets):  # the mixing hook sees the smoothed one-hot targets
@@ -162,8 +164,8 @@ def test_train_step_updates_batch_stats_ema_and_metrics():
     n = 2 * jax.device_count()
     rng = np.random.default_rng(0)
     batch = {
-        "image": jax.device_put(rng.normal(size=(n, 2, 2, 1)).astype(np.float32) + 3.0, tu.data_sharding(mesh)),
-        "label": jax.device_put(rng.integers(0, 3, n).astype(np.int32), tu.data_sharding(mesh)),
+        "image": jax.device_put(rng.normal(size=(n, 2, 2, 1)).astype(np.float32) + 3.0, sharding.data_sharding(mesh)),
+        "label": jax.device_put(rng.integers(0, 3, n).astype(np.int32), sharding.data_sharding(mesh)),
     }
     p0 = jax.device_get(state.params)
     new, metrics = step(state, batch)
@@ -186,7 +188,7 @@ def test_train_step_updates_batch_stats_ema_and_metrics():
 
 def test_masked_eval_is_exact():
     """A fake model whose logits are its input: metrics over padded batches equal numpy's over real examples."""
-    mesh = tu.create_mesh()
+    mesh = sharding.create_mesh()
     n_dev = jax.device_count()
     batch, classes, n_real = 2 * n_dev, 7, 5 * n_dev + 3
     rng = np.random.default_rng(0)
@@ -202,7 +204,7 @@ def test_masked_eval_is_exact():
         # Padding holds garbage that would change every metric if it were counted.
         x = np.concatenate([x, np.full((pad, classes), 1e4, np.float32)])
         y = np.concatenate([y, np.zeros(pad, np.int32)])
-        shard = tu.data_sharding(mesh)
+        shard = sharding.data_sharding(mesh)
         batches.append({k: jax.device_put(v, shard) for k, v in {"image": x, "label": y, "mask": mask}.items()})
     assert len(batches) == 3 and not np.asarray(batches[-1]["mask"]).all()
 

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from cvt_flax import sharding as sharding_lib
 from cvt_flax.data import augment_jax as aug
 from cvt_flax.data import info as info_lib
-from cvt_flax.data import sharding as sharding_lib
 
 _CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _CACHE_MAX = 4
@@ -135,7 +135,7 @@ def _setup(config: Any, mesh: Mesh, batch_size: int, what: str):
     source = info_lib.open_source(config, for_device=True)
     channels = info_lib.model_channels(config, source.image_shape[2])
     mean, std = info_lib.normalization_stats(config, source.name, channels)
-    local_batch = info_lib.check_batch_size(batch_size, what, mesh.devices.size, jax.process_count())
+    local_batch = sharding_lib.check_batch_size(batch_size, what, mesh.devices.size, jax.process_count())
     fixed = source.image_shape[0] is not None and source.image_shape[1] is not None
     return source, channels, mean, std, local_batch, fixed
 
@@ -191,7 +191,7 @@ def make_train_batch_fn(config: Any, mesh: Mesh, num_examples: int, channels: in
     num_perms = batch // n + 2
     shuffle = int(config.input.get("shuffle_buffer", 1) or 0) > 1
     augment = _augment_fn(config, channels, mean, std)
-    out_sharding = sharding_lib.batch_sharding(mesh)
+    out_sharding = sharding_lib.data_sharding(mesh)
 
     def fn(
         images: jax.Array, labels: jax.Array, seed: jax.Array, epoch0: jax.Array, offset: jax.Array
@@ -238,8 +238,8 @@ def create_train_iterator(
     geometry = None if fixed else (int(config.image_size), "resize", 1.0)
     images, labels = load_arrays(source, source.resolve(config.train_split), geometry)
     n = len(labels)
-    images_dev = sharding_lib.replicate_numpy(images, mesh)
-    labels_dev = sharding_lib.replicate_numpy(labels, mesh)
+    images_dev = sharding_lib.replicate(images, mesh)
+    labels_dev = sharding_lib.replicate(labels, mesh)
     fn = make_train_batch_fn(config, mesh, n, channels, mean, std)
     batch = int(config.batch_size)
 
@@ -262,7 +262,7 @@ def _eval_fn(config: Any, mesh: Mesh, channels: int, mean, std, fixed: bool):
     if mode not in ("resize", "center_crop"):
         raise ValueError(f"Unknown config.aug.eval_crop={mode!r}; use 'resize' or 'center_crop'.")
     ratio = float(config.aug.get("eval_crop_ratio", 0.875))
-    sharding = sharding_lib.batch_sharding(mesh)
+    sharding = sharding_lib.data_sharding(mesh)
 
     def fn(images: jax.Array) -> jax.Array:
         x = aug.convert_channels(images.astype(jnp.float32), channels)

@@ -445,23 +445,6 @@ def train_aug_settings(config: Any) -> TrainAug:
     )
 
 
-def check_batch_size(batch_size: int, what: str, num_devices: int, process_count: int) -> int:
-    """Checks that a global batch divides over devices and processes; returns the per-process batch.
-
-    Raises:
-      ValueError: It does not; the message names the nearest valid sizes.
-    """
-    batch_size = int(batch_size)
-    unit = int(np.lcm(num_devices, process_count))
-    if batch_size <= 0 or batch_size % unit:
-        lo = max(unit, batch_size // unit * unit)
-        raise ValueError(
-            f"config.{what}={batch_size} must be a positive multiple of the device count ({num_devices}) and the "
-            f"process count ({process_count}); use e.g. --config.{what}={lo} or {lo + unit}."
-        )
-    return batch_size // process_count
-
-
 def eval_cache_key(config: Any, mesh: Any) -> tuple:
     """Everything an eval pass depends on (train.py creates the eval iterator at every evaluation: reuse it)."""
     return (

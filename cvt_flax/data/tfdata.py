@@ -31,9 +31,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
+from cvt_flax import sharding as sharding_lib
 from cvt_flax.data import augment_tf as aug
 from cvt_flax.data import info as info_lib
-from cvt_flax.data import sharding as sharding_lib
 
 with contextlib.suppress(RuntimeError):  # TensorFlow only feeds data: keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
@@ -111,7 +111,7 @@ def _setup(config: Any, mesh: Mesh, batch_size: int, what: str):
     source = info_lib.open_source(config)
     channels = info_lib.model_channels(config, source.image_shape[2])
     mean, std = info_lib.normalization_stats(config, source.name, channels)
-    local_batch = info_lib.check_batch_size(batch_size, what, mesh.devices.size, jax.process_count())
+    local_batch = sharding_lib.check_batch_size(batch_size, what, mesh.devices.size, jax.process_count())
     return source, channels, mean, std, local_batch
 
 
@@ -229,7 +229,7 @@ def create_train_iterator(
       An iterator of dicts of global `jax.Array`s.
     """
     seed = int(config.seed if seed is None else seed)
-    local_batch = info_lib.check_batch_size(config.batch_size, "batch_size", mesh.devices.size, jax.process_count())
+    local_batch = sharding_lib.check_batch_size(config.batch_size, "batch_size", mesh.devices.size, jax.process_count())
     ds = make_train_dataset(
         config,
         seed=seed,
