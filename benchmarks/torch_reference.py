@@ -56,48 +56,16 @@ def workload_spec(config: Any) -> CvTSpec:
 
 
 def cvt_config_from_spec(spec: CvTSpec, num_classes: int = 1000) -> Any:
-    """A HuggingFace `CvtConfig` with the architecture of ``spec``.
-
-    Args:
-      spec: Our architecture.
-      num_classes: Classifier outputs.
-
-    Returns:
-      ``transformers.CvtConfig``.
+    """A HuggingFace `CvtConfig` with the architecture of ``spec`` (`cvt_flax.models.weights.hf_config_from_spec`).
 
     Raises:
       ValueError: for ``qkv_proj_method='avg'``, which the HuggingFace port does not implement.
     """
     from transformers import CvtConfig
 
-    if "avg" in spec.qkv_proj_method:
-        raise ValueError(
-            "The HuggingFace CvT has no 'avg' key/value projection (only dw_bn and linear); benchmark a variant "
-            f"with qkv_proj_method in ('dw_bn', 'linear'), got {spec.qkv_proj_method}."
-        )
-    return CvtConfig(
-        num_channels=spec.in_chans,
-        patch_sizes=list(spec.patch_size),
-        patch_stride=list(spec.patch_stride),
-        patch_padding=list(spec.patch_padding),
-        embed_dim=list(spec.dim_embed),
-        num_heads=list(spec.num_heads),
-        depth=list(spec.depth),
-        mlp_ratio=list(spec.mlp_ratio),
-        attention_drop_rate=list(spec.attn_drop_rate),
-        drop_rate=list(spec.drop_rate),
-        drop_path_rate=list(spec.drop_path_rate),
-        qkv_bias=list(spec.qkv_bias),
-        cls_token=list(spec.cls_token),
-        qkv_projection_method=list(spec.qkv_proj_method),
-        kernel_qkv=list(spec.kernel_qkv),
-        padding_kv=list(spec.padding_kv),
-        stride_kv=list(spec.stride_kv),
-        padding_q=list(spec.padding_q),
-        stride_q=list(spec.stride_q),
-        num_labels=num_classes,
-        layer_norm_eps=1e-5,
-    )
+    from cvt_flax.models.weights import hf_config_from_spec
+
+    return CvtConfig(**hf_config_from_spec(spec, num_classes))
 
 
 def build_model(spec: CvTSpec, num_classes: int, device: torch.device, channels_last: bool = False) -> torch.nn.Module:

@@ -1,4 +1,12 @@
-"""Model-only checkpoints: the variables of a CvT plus a description of the model.
+"""Checkpoints of cvt-flax: model checkpoints, train-state checkpoints, init_from and the resume order.
+
+* **Model checkpoints** (`save_model`, `load_model`, `model_from_info`): the variables of a CvT plus a
+  description of the model; what ``python -m cvt_flax.convert`` and the end of every run write.
+* **Train-state checkpoints** (`Checkpoints`): Orbax checkpoints of the whole train state in
+  ``<workdir>/checkpoints/<step>``, the last few plus the best by eval accuracy.
+* **init_from** (`load_init_from`, `check_pretrained`, `merge_pretrained`, `apply_init_from`): pretrained
+  variables checked against the model (all but the classifier head, `models.weights.CLASSIFIER`) and copied in.
+* **Where a run starts** (`restore_or_initialize`): latest checkpoint, else init_from, else scratch.
 
 A model checkpoint is a directory::
 
@@ -16,14 +24,34 @@ pytree); `model_from_info` then builds the matching module::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import flax
+import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+from orbax.checkpoint import checkpoint_managers
+
+from cvt_flax import sharding
+from cvt_flax.models import weights
+
+if TYPE_CHECKING:
+    from cvt_flax.train_utils import TrainState
+else:
+    TrainState = Any
+
+PyTree = Any
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"
 
 FORMAT = "cvt-flax-model"
 FORMAT_VERSION = 1
@@ -198,3 +226,443 @@ def load_pretrained(directory: str | os.PathLike, **kwargs: Any) -> tuple[Any, d
     """`load_model` plus `model_from_info`: returns ``(model, variables, info)``."""
     variables, info = load_model(directory)
     return model_from_info(info, **kwargs), variables, info
+
+
+# ----------------------------------------------------------------------------- train-state checkpoints
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    d = flax.serialization.to_state_dict(state)
+    if d.get("ema_params") is None:
+        d.pop("ema_params", None)
+    return d
+
+
+class Checkpoints:
+    """Orbax checkpoints of the train state: the last ``keep`` plus the best by eval accuracy.
+
+    One `ocp.CheckpointManager` with a preservation policy that keeps a checkpoint
+    when either ``LatestN(keep)`` or ``BestN(accuracy, n=1)`` keeps it. Saves are
+    asynchronous and atomic (temporary directory, renamed when complete).
+
+    The state is replicated; Orbax's default "replica-parallel" writing would cut
+    every array into one slice per device with eager ops (seconds per save for a
+    few hundred arrays on 8 devices), so the first replica writes whole arrays.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int):
+        policy = checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=max(1, int(keep))),
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: m["accuracy"], reverse=False, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
+        self.directory = pathlib.Path(directory)
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False))
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_names=("state", "meta"),
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None when there is none)."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, meta: Mapping[str, Any], metrics: Mapping[str, float] | None):
+        """Starts an asynchronous save (waits for the previous one first)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.PyTreeSave(_state_dict(state)), meta=ocp.args.JsonSave(dict(meta))),
+            metrics=dict(metrics) if metrics else None,
+            force=True,
+        )
+
+    def restore(
+        self,
+        step: int,
+        abstract_state: TrainState,
+        sharding: jax.sharding.Sharding,
+        expected: Mapping[str, Any] | None = None,
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """Restores ``step`` into the structure of ``abstract_state`` (shapes only), placed with ``sharding``.
+
+        Args:
+          step: The checkpoint step.
+          abstract_state: The train state's structure (``jax.eval_shape`` of its init).
+          sharding: Where the restored arrays go (replicated on the mesh).
+          expected: Model description of this run (``variant``, ``num_classes``,
+            ``spec``); a checkpoint written for another model is refused up front.
+
+        Raises:
+          ValueError: when the checkpoint was written by a different config.
+        """
+        fix = (
+            "Resume with the config that wrote it, or start this config in a new --workdir (use "
+            "--config.init_from to start from those weights)."
+        )
+        where = f"The checkpoint at step {step} in {self.directory}"
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+        for key in ("variant", "num_classes", "spec"):
+            if expected and key in meta and key in expected and _arch(meta[key]) != _arch(expected[key]):
+                raise ValueError(
+                    f"{where} was written for {key} {_arch(meta[key])!r}, but this config has "
+                    f"{_arch(expected[key])!r}. {fix}"
+                )
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _state_dict(abstract_state)
+        )
+        try:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+            )
+        except Exception as e:  # Orbax raises various errors for structure/shape mismatches.
+            raise ValueError(
+                f"{where} does not match this config (a different model, class count, optimizer or EMA setting?): "
+                f"{type(e).__name__}: {str(e)[:2000]}\n{fix}"
+            ) from e
+        state_dict = {"ema_params": None, **restored["state"]}  # _state_dict drops an absent EMA
+        state = flax.serialization.from_state_dict(abstract_state, state_dict)
+        return state, meta
+
+    def wait(self) -> None:
+        """Blocks until pending saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.manager.close()
+
+
+def _arch(value: Any) -> Any:
+    """A spec dict without its regularisation rates (they may change between runs); other values unchanged."""
+    if isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k not in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
+    return value
+
+
+def restore_raw(step_dir: pathlib.Path) -> dict[str, Any]:
+    """Restores a training checkpoint's ``state`` item as numpy arrays (no target, no devices)."""
+    item = step_dir / "state"
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(item)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _numeric_dirs(path: pathlib.Path) -> list[int]:
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir())
+
+
+INIT_FROM_HELP = (
+    "Point --config.init_from at a cvt-flax workdir, one of its checkpoints/<step> directories, or a model "
+    "directory with model.json (from `python -m cvt_flax.convert --input WEIGHTS --output DIR`)."
+)
+
+
+def load_init_from(path: str) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    """Loads ``{'params', 'batch_stats'}`` (numpy) and a description of the model from ``init_from``.
+
+    Args:
+      path: A cvt-flax workdir (its latest checkpoint; else its ``model/``), a
+        ``checkpoints`` directory, one ``checkpoints/<step>`` directory, or a model
+        directory with ``model.json`` (converted official/HF weights).
+
+    Returns:
+      ``(variables, info)``; ``info`` has what is known about the architecture
+      (``spec``, ``num_classes``, ``act``, ``variant``/``model``, ``source``).
+
+    Raises:
+      ValueError: when the path holds none of these.
+    """
+    p = pathlib.Path(path).expanduser().absolute()
+    if not p.exists():
+        raise ValueError(f"--config.init_from={path!r} does not exist. {INIT_FROM_HELP}")
+
+    def from_step_dir(step_dir: pathlib.Path) -> tuple[dict[str, PyTree], dict[str, Any]]:
+        raw = restore_raw(step_dir)
+        meta_file = step_dir / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        variables = {"params": raw["params"], "batch_stats": raw.get("batch_stats") or {}}
+        meta["source"] = str(step_dir)
+        return variables, meta
+
+    for ckpt_dir in (p / CHECKPOINT_DIR, p):
+        steps = _numeric_dirs(ckpt_dir)
+        if steps:
+            return from_step_dir(ckpt_dir / str(steps[-1]))
+    if (p / "state").is_dir():
+        return from_step_dir(p)
+    for model_dir in (p, p / MODEL_DIR):
+        if (model_dir / "model.json").is_file():
+            variables, info = load_model(model_dir)
+            info = dict(info)
+            info.setdefault("source", str(model_dir))
+            return variables, info
+    raise ValueError(f"--config.init_from={path!r} holds no cvt-flax checkpoint or model. {INIT_FROM_HELP}")
+
+
+def _describe(info: Mapping[str, Any]) -> str:
+    name = info.get("variant") or info.get("model")
+    spec = info.get("spec")
+    parts = []
+    if name:
+        parts.append(f"model {name!r}")
+    elif spec:
+        keys = ("dim_embed", "depth", "num_heads", "patch_size", "patch_stride")
+        parts.append("spec " + ", ".join(f"{k}={spec.get(k)}" for k in keys if k in spec))
+    if "num_classes" in info:
+        parts.append(f"{info['num_classes']} classes")
+    return ", ".join(parts) or "an unknown architecture"
+
+
+def _flat_variables(tree: Mapping[str, PyTree]) -> dict[str, Any]:
+    return traverse_util.flatten_dict({c: dict(tree.get(c) or {}) for c in ("params", "batch_stats")}, sep="/")
+
+
+def check_pretrained(
+    target: Mapping[str, PyTree],
+    loaded: Mapping[str, PyTree],
+    *,
+    info: Mapping[str, Any] | None = None,
+    model_name: str = "",
+    head: str = weights.CLASSIFIER,
+) -> bool:
+    """Checks that pretrained variables fit the model (all but the classifier head).
+
+    Args:
+      target: ``{'params', 'batch_stats'}`` of the model being trained (arrays or
+        ``jax.ShapeDtypeStruct``: only shapes are read).
+      loaded: Pretrained ``{'params', 'batch_stats'}``.
+      info: Description of the pretrained model (for the error message).
+      model_name: ``config.model`` (for the error message).
+      head: Top-level name of the classifier head.
+
+    Returns:
+      Whether the head must be re-initialised (its shapes differ, e.g. another
+      class count, or the checkpoint has none).
+
+    Raises:
+      ValueError: naming the missing, unexpected and shape-mismatched paths when
+        the architectures differ anywhere but the head, and how to fix it.
+    """
+    flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
+
+    def is_head(key: str) -> bool:
+        return key.split("/")[1] == head
+
+    stem = f"params/{weights.FIRST_CONV}/kernel"
+    chans = {k: tuple(np.shape(v) if isinstance(v, np.ndarray) else v.shape)[2:3] for k, v in
+             (("model", flat_t.get(stem)), ("checkpoint", flat_l.get(stem))) if v is not None}  # fmt: skip
+    head_keys = [k for k in flat_t if is_head(k)]
+    head_ok = all(k in flat_l and tuple(np.shape(flat_l[k])) == tuple(flat_t[k].shape) for k in head_keys)
+    missing = [k for k in flat_t if not is_head(k) and k not in flat_l]
+    mismatched = [
+        f"{k}: checkpoint {tuple(np.shape(flat_l[k]))} vs model {tuple(v.shape)}"
+        for k, v in flat_t.items()
+        if not is_head(k) and k in flat_l and tuple(np.shape(flat_l[k])) != tuple(v.shape)
+    ]
+    unexpected = [k for k in flat_l if k not in flat_t and not is_head(k)]
+    if missing or mismatched or unexpected:
+
+        def listing(items: list[str]) -> str:
+            shown = "\n    ".join(items[:12])
+            more = f"\n    ... and {len(items) - 12} more" if len(items) > 12 else ""
+            return shown + more
+
+        lines = [
+            f"The init_from checkpoint ({_describe(info or {})}) does not match model {model_name!r} "
+            f"({len(mismatched)} shape mismatches, {len(missing)} missing, {len(unexpected)} unexpected):"
+        ]
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}):\n    {listing(mismatched)}")
+        if missing:
+            lines.append(f"  in the model but not in the checkpoint ({len(missing)}):\n    {listing(missing)}")
+        if unexpected:
+            lines.append(f"  in the checkpoint but not in the model ({len(unexpected)}):\n    {listing(unexpected)}")
+        if len(chans) == 2 and chans["model"] != chans["checkpoint"]:
+            lines.append(
+                f"  The checkpoint takes {chans['checkpoint'][0]}-channel images, the model "
+                f"{chans['model'][0]}: set --config.num_channels={chans['checkpoint'][0]}."
+            )
+        name = (info or {}).get("variant") or (info or {}).get("model")
+        hint = f" (the checkpoint says {name!r})" if name else ""
+        lines.append(
+            f"Set --config.model to the checkpoint's architecture{hint}, or choose another --config.init_from."
+        )
+        raise ValueError("\n".join(lines))
+    return not head_ok
+
+
+def merge_pretrained(
+    target: Mapping[str, PyTree],
+    loaded: Mapping[str, PyTree],
+    *,
+    info: Mapping[str, Any] | None = None,
+    model_name: str = "",
+    head: str = weights.CLASSIFIER,
+) -> tuple[dict[str, PyTree], bool]:
+    """Copies pretrained variables into freshly initialised ones, keeping the fresh head when it differs.
+
+    Args:
+      target: Fresh ``{'params', 'batch_stats'}`` of the model being trained (numpy).
+      loaded: Pretrained ``{'params', 'batch_stats'}``.
+      info: Description of the pretrained model (for error messages).
+      model_name: ``config.model`` (for error messages).
+      head: Top-level name of the classifier head.
+
+    Returns:
+      ``(variables, head_reinitialised)``; values take ``target``'s dtypes.
+
+    Raises:
+      ValueError: as `check_pretrained`.
+    """
+    head_reinit = check_pretrained(target, loaded, info=info, model_name=model_name, head=head)
+    flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
+    out = {}
+    for k, v in flat_t.items():
+        keep_fresh = head_reinit and k.split("/")[1] == head
+        out[k] = np.asarray(v) if keep_fresh else np.asarray(flat_l[k]).astype(np.asarray(v).dtype)
+    return traverse_util.unflatten_dict(out, sep="/"), head_reinit
+
+
+def apply_init_from(
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    mesh: Any,
+    loaded: Mapping[str, PyTree],
+    info: Mapping[str, Any],
+) -> TrainState:
+    """Copies checked pretrained variables into a freshly initialised state (new head when needed)."""
+    target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    merged, head_reinit = merge_pretrained(target, loaded, info=info, model_name=config.model)
+    act = info.get("act")
+    if act and act != config.act:
+        logging.warning(
+            "init_from was trained with activation %r but --config.act=%r; the weights fit but the function "
+            "differs. Set --config.act=%s to fine-tune the same network.",
+            act, config.act, act,
+        )  # fmt: skip
+    if head_reinit:
+        logging.info(
+            "init_from: new classifier head (checkpoint: %s classes, now %s).",
+            info.get("num_classes", "?"), merged["params"][weights.CLASSIFIER]["kernel"].shape[-1],
+        )  # fmt: skip
+    merged = sharding.replicate(merged, mesh)
+    state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
+    if state.ema_params is not None:
+        state = state.replace(ema_params=merged["params"])
+    logging.info("Initialised from %s (%s).", info.get("source", config.init_from), _describe(info))
+    return state
+
+
+def export_model(directory: str | os.PathLike, state: TrainState, model_info: Mapping[str, Any]) -> None:
+    """Writes a run's final model (eval variables) as a model checkpoint, for `init_from` and inference."""
+    variables = jax.device_get(state.eval_variables())
+    save_model(directory, variables, {**model_info, "source": "cvt-flax training"})
+    logging.info("Exported the final model to %s.", directory)
+
+
+# ----------------------------------------------------------------------------- where a run starts
+
+
+def run_model_info(config: ml_collections.ConfigDict, spec: Any, num_classes: int) -> dict[str, Any]:
+    """The model description a run stores with its checkpoints and exported model."""
+    return {
+        "variant": config.model,
+        "model": config.model,
+        "spec": spec.to_dict(),
+        "num_classes": int(num_classes),
+        "act": config.act,
+        "image_size": int(config.image_size),
+        "dataset": config.dataset,
+    }
+
+
+@dataclasses.dataclass
+class Start:
+    """Where a run starts: its state, the best eval so far, and where the state came from.
+
+    Attributes:
+      state: The train state (replicated on the mesh).
+      best: ``{'accuracy', 'step'}`` of the best evaluation so far (-1 when none).
+      source: ``'checkpoint'``, ``'init_from'`` or ``'scratch'``.
+      path: The checkpoint directory or init_from source (None from scratch).
+    """
+
+    state: TrainState
+    best: dict[str, Any]
+    source: str
+    path: str | None = None
+
+
+def restore_or_initialize(
+    config: ml_collections.ConfigDict, program: Any, mesh: Any, ckpts: Checkpoints, workdir: str | os.PathLike
+) -> Start:
+    """Restores or initialises the train state, in the resume order of `cvt_flax.train`.
+
+    1. The latest checkpoint in ``<workdir>/checkpoints``: the full train state (step, parameters, optimizer
+       state, BatchNorm statistics, EMA) and the best eval accuracy so far.
+    2. Else ``config.init_from``: parameters and BatchNorm statistics, checked against the model before anything
+       is compiled; the classifier head is re-initialised when the class count differs. Optimizer and step fresh.
+    3. Else from scratch (``config.seed``), unless the config requires init_from (fine-tuning configs).
+
+    Args:
+      config: The run config.
+      program: The run's `train_utils.TrainProgram` (init function, abstract state, model).
+      mesh: The device mesh.
+      ckpts: The workdir's `Checkpoints`.
+      workdir: The workdir (for messages).
+
+    Returns:
+      The `Start`.
+
+    Raises:
+      ValueError: eval_only or require_init_from without weights; a checkpoint of another model; an init_from
+        that does not fit (naming the paths).
+    """
+    rep = sharding.replicated_sharding(mesh)
+    latest = ckpts.latest_step()
+    if config.eval_only and latest is None and not config.init_from:
+        raise ValueError(
+            f"--config.eval_only=True needs weights: {workdir} has no checkpoint and --config.init_from is empty. "
+            f"{INIT_FROM_HELP}"
+        )
+    if latest is not None:
+        expected = run_model_info(config, program.model.spec, program.num_classes)
+        state, meta = ckpts.restore(latest, program.abstract_state, rep, expected=expected)
+        best = {"accuracy": float(meta.get("best_accuracy", -1.0)), "step": int(meta.get("best_step", -1))}
+        path = str(ckpts.directory / str(latest))
+        logging.info("Resumed from %s at step %d.", path, int(state.step))
+        return Start(state, best, "checkpoint", path)
+    best = {"accuracy": -1.0, "step": -1}
+    if config.init_from:
+        # Load and check the architecture before compiling anything (mismatches fail fast).
+        loaded, init_info = load_init_from(config.init_from)
+        abstract = program.abstract_state
+        check_pretrained(
+            {"params": abstract.params, "batch_stats": abstract.batch_stats}, loaded, info=init_info,
+            model_name=config.model,
+        )  # fmt: skip
+        state = apply_init_from(config, program.init_state(program.init_rng), mesh, loaded, init_info)
+        return Start(state, best, "init_from", str(init_info.get("source", config.init_from)))
+    if config.require_init_from:
+        raise ValueError(
+            f"This config fine-tunes a pretrained model but --config.init_from is empty and {workdir} has no "
+            f"checkpoint to resume. {INIT_FROM_HELP}"
+        )
+    logging.info("Starting from scratch (seed %d).", config.seed)
+    return Start(program.init_state(program.init_rng), best, "scratch")

@@ -46,31 +46,21 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import flax
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
-from orbax.checkpoint import checkpoint_managers
 
-from cvt_flax import models, plots, sharding, writers
+from cvt_flax import checkpoint as ckpt_lib
+from cvt_flax import data, flops, models, plots, sharding, writers
 from cvt_flax import train_utils as tu
 
 PyTree = Any
 
-CHECKPOINT_DIR = "checkpoints"
-MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
 EVAL_FILE = "eval.json"
 CONFIG_FILE = "config.json"
-
-
-def _data_module() -> Any:
-    from cvt_flax import data
-
-    return data
 
 
 class _QuietLibraryInfo(std_logging.Filter):
@@ -124,319 +114,6 @@ def validate_image_size(config: ml_collections.ConfigDict, spec: models.CvTSpec)
             f"--config.image_size={config.image_size} is too small for model {config.model!r}: {e} "
             f"(set --config.image_size to at least {spec.min_input_size()})."
         ) from None
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _state_dict(state: tu.TrainState) -> dict[str, Any]:
-    d = flax.serialization.to_state_dict(state)
-    if d.get("ema_params") is None:
-        d.pop("ema_params", None)
-    return d
-
-
-class Checkpoints:
-    """Orbax checkpoints of the train state: the last ``keep`` plus the best by eval accuracy.
-
-    One `ocp.CheckpointManager` with a preservation policy that keeps a checkpoint
-    when either ``LatestN(keep)`` or ``BestN(accuracy, n=1)`` keeps it. Saves are
-    asynchronous and atomic (temporary directory, renamed when complete).
-
-    The state is replicated; Orbax's default "replica-parallel" writing would cut
-    every array into one slice per device with eager ops (seconds per save for a
-    few hundred arrays on 8 devices), so the first replica writes whole arrays.
-    """
-
-    def __init__(self, directory: str | os.PathLike, keep: int):
-        policy = checkpoint_managers.AnyPreservationPolicy(
-            [
-                checkpoint_managers.LatestN(n=max(1, int(keep))),
-                checkpoint_managers.BestN(
-                    get_metric_fn=lambda m: m["accuracy"], reverse=False, n=1, keep_checkpoints_without_metrics=False
-                ),
-            ]
-        )
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
-        self.directory = pathlib.Path(directory)
-        registry = ocp.type_handlers.create_type_handler_registry(
-            (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False))
-        )
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_names=("state", "meta"),
-            item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
-        )
-
-    def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step (None when there is none)."""
-        return self.manager.latest_step()
-
-    def save(self, step: int, state: tu.TrainState, meta: Mapping[str, Any], metrics: Mapping[str, float] | None):
-        """Starts an asynchronous save (waits for the previous one first)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeSave(_state_dict(state)), meta=ocp.args.JsonSave(dict(meta))),
-            metrics=dict(metrics) if metrics else None,
-            force=True,
-        )
-
-    def restore(
-        self,
-        step: int,
-        abstract_state: tu.TrainState,
-        sharding: jax.sharding.Sharding,
-        expected: Mapping[str, Any] | None = None,
-    ) -> tuple[tu.TrainState, dict[str, Any]]:
-        """Restores ``step`` into the structure of ``abstract_state`` (shapes only), placed with ``sharding``.
-
-        Args:
-          step: The checkpoint step.
-          abstract_state: The train state's structure (``jax.eval_shape`` of its init).
-          sharding: Where the restored arrays go (replicated on the mesh).
-          expected: Model description of this run (``variant``, ``num_classes``,
-            ``spec``); a checkpoint written for another model is refused up front.
-
-        Raises:
-          ValueError: when the checkpoint was written by a different config.
-        """
-        fix = (
-            "Resume with the config that wrote it, or start this config in a new --workdir (use "
-            "--config.init_from to start from those weights)."
-        )
-        where = f"The checkpoint at step {step} in {self.directory}"
-        meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
-        for key in ("variant", "num_classes", "spec"):
-            if expected and key in meta and key in expected and _arch(meta[key]) != _arch(expected[key]):
-                raise ValueError(
-                    f"{where} was written for {key} {_arch(meta[key])!r}, but this config has "
-                    f"{_arch(expected[key])!r}. {fix}"
-                )
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _state_dict(abstract_state)
-        )
-        try:
-            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args))
-            )
-        except Exception as e:  # Orbax raises various errors for structure/shape mismatches.
-            raise ValueError(
-                f"{where} does not match this config (a different model, class count, optimizer or EMA setting?): "
-                f"{type(e).__name__}: {str(e)[:2000]}\n{fix}"
-            ) from e
-        state_dict = {"ema_params": None, **restored["state"]}  # _state_dict drops an absent EMA
-        state = flax.serialization.from_state_dict(abstract_state, state_dict)
-        return state, meta
-
-    def wait(self) -> None:
-        """Blocks until pending saves are complete."""
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self.manager.close()
-
-
-def _arch(value: Any) -> Any:
-    """A spec dict without its regularisation rates (they may change between runs); other values unchanged."""
-    if isinstance(value, Mapping):
-        return {k: v for k, v in value.items() if k not in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
-    return value
-
-
-def _restore_raw(step_dir: pathlib.Path) -> dict[str, Any]:
-    """Restores a training checkpoint's ``state`` item as numpy arrays (no target, no devices)."""
-    item = step_dir / "state"
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(item)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def _numeric_dirs(path: pathlib.Path) -> list[int]:
-    if not path.is_dir():
-        return []
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir())
-
-
-_INIT_FROM_HELP = (
-    "Point --config.init_from at a cvt-flax workdir, one of its checkpoints/<step> directories, or a model "
-    "directory with model.json (from `python -m cvt_flax.convert --input WEIGHTS --output DIR`)."
-)
-
-
-def load_init_from(path: str) -> tuple[dict[str, PyTree], dict[str, Any]]:
-    """Loads ``{'params', 'batch_stats'}`` (numpy) and a description of the model from ``init_from``.
-
-    Args:
-      path: A cvt-flax workdir (its latest checkpoint; else its ``model/``), a
-        ``checkpoints`` directory, one ``checkpoints/<step>`` directory, or a model
-        directory with ``model.json`` (converted official/HF weights).
-
-    Returns:
-      ``(variables, info)``; ``info`` has what is known about the architecture
-      (``spec``, ``num_classes``, ``act``, ``variant``/``model``, ``source``).
-
-    Raises:
-      ValueError: when the path holds none of these.
-    """
-    p = pathlib.Path(path).expanduser().absolute()
-    if not p.exists():
-        raise ValueError(f"--config.init_from={path!r} does not exist. {_INIT_FROM_HELP}")
-
-    def from_step_dir(step_dir: pathlib.Path) -> tuple[dict[str, PyTree], dict[str, Any]]:
-        raw = _restore_raw(step_dir)
-        meta_file = step_dir / "meta" / "metadata"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        variables = {"params": raw["params"], "batch_stats": raw.get("batch_stats") or {}}
-        meta["source"] = str(step_dir)
-        return variables, meta
-
-    for ckpt_dir in (p / CHECKPOINT_DIR, p):
-        steps = _numeric_dirs(ckpt_dir)
-        if steps:
-            return from_step_dir(ckpt_dir / str(steps[-1]))
-    if (p / "state").is_dir():
-        return from_step_dir(p)
-    for model_dir in (p, p / MODEL_DIR):
-        if (model_dir / "model.json").is_file():
-            from cvt_flax import checkpoint as model_ckpt
-
-            variables, info = model_ckpt.load_model(model_dir)
-            info = dict(info)
-            info.setdefault("source", str(model_dir))
-            return variables, info
-    raise ValueError(f"--config.init_from={path!r} holds no cvt-flax checkpoint or model. {_INIT_FROM_HELP}")
-
-
-def _describe(info: Mapping[str, Any]) -> str:
-    name = info.get("variant") or info.get("model")
-    spec = info.get("spec")
-    parts = []
-    if name:
-        parts.append(f"model {name!r}")
-    elif spec:
-        keys = ("dim_embed", "depth", "num_heads", "patch_size", "patch_stride")
-        parts.append("spec " + ", ".join(f"{k}={spec.get(k)}" for k in keys if k in spec))
-    if "num_classes" in info:
-        parts.append(f"{info['num_classes']} classes")
-    return ", ".join(parts) or "an unknown architecture"
-
-
-def _flat_variables(tree: Mapping[str, PyTree]) -> dict[str, Any]:
-    return traverse_util.flatten_dict({c: dict(tree.get(c) or {}) for c in ("params", "batch_stats")}, sep="/")
-
-
-def check_pretrained(
-    target: Mapping[str, PyTree],
-    loaded: Mapping[str, PyTree],
-    *,
-    info: Mapping[str, Any] | None = None,
-    model_name: str = "",
-    head: str = "head",
-) -> bool:
-    """Checks that pretrained variables fit the model (all but the classifier head).
-
-    Args:
-      target: ``{'params', 'batch_stats'}`` of the model being trained (arrays or
-        ``jax.ShapeDtypeStruct``: only shapes are read).
-      loaded: Pretrained ``{'params', 'batch_stats'}``.
-      info: Description of the pretrained model (for the error message).
-      model_name: ``config.model`` (for the error message).
-      head: Top-level name of the classifier head.
-
-    Returns:
-      Whether the head must be re-initialised (its shapes differ, e.g. another
-      class count, or the checkpoint has none).
-
-    Raises:
-      ValueError: naming the missing, unexpected and shape-mismatched paths when
-        the architectures differ anywhere but the head, and how to fix it.
-    """
-    flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
-
-    def is_head(key: str) -> bool:
-        return key.split("/")[1] == head
-
-    stem = "params/stage0/patch_embed/proj/kernel"
-    chans = {k: tuple(np.shape(v) if isinstance(v, np.ndarray) else v.shape)[2:3] for k, v in
-             (("model", flat_t.get(stem)), ("checkpoint", flat_l.get(stem))) if v is not None}  # fmt: skip
-    head_keys = [k for k in flat_t if is_head(k)]
-    head_ok = all(k in flat_l and tuple(np.shape(flat_l[k])) == tuple(flat_t[k].shape) for k in head_keys)
-    missing = [k for k in flat_t if not is_head(k) and k not in flat_l]
-    mismatched = [
-        f"{k}: checkpoint {tuple(np.shape(flat_l[k]))} vs model {tuple(v.shape)}"
-        for k, v in flat_t.items()
-        if not is_head(k) and k in flat_l and tuple(np.shape(flat_l[k])) != tuple(v.shape)
-    ]
-    unexpected = [k for k in flat_l if k not in flat_t and not is_head(k)]
-    if missing or mismatched or unexpected:
-
-        def listing(items: list[str]) -> str:
-            shown = "\n    ".join(items[:12])
-            more = f"\n    ... and {len(items) - 12} more" if len(items) > 12 else ""
-            return shown + more
-
-        lines = [
-            f"The init_from checkpoint ({_describe(info or {})}) does not match model {model_name!r} "
-            f"({len(mismatched)} shape mismatches, {len(missing)} missing, {len(unexpected)} unexpected):"
-        ]
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}):\n    {listing(mismatched)}")
-        if missing:
-            lines.append(f"  in the model but not in the checkpoint ({len(missing)}):\n    {listing(missing)}")
-        if unexpected:
-            lines.append(f"  in the checkpoint but not in the model ({len(unexpected)}):\n    {listing(unexpected)}")
-        if len(chans) == 2 and chans["model"] != chans["checkpoint"]:
-            lines.append(
-                f"  The checkpoint takes {chans['checkpoint'][0]}-channel images, the model "
-                f"{chans['model'][0]}: set --config.num_channels={chans['checkpoint'][0]}."
-            )
-        name = (info or {}).get("variant") or (info or {}).get("model")
-        hint = f" (the checkpoint says {name!r})" if name else ""
-        lines.append(
-            f"Set --config.model to the checkpoint's architecture{hint}, or choose another --config.init_from."
-        )
-        raise ValueError("\n".join(lines))
-    return not head_ok
-
-
-def merge_pretrained(
-    target: Mapping[str, PyTree],
-    loaded: Mapping[str, PyTree],
-    *,
-    info: Mapping[str, Any] | None = None,
-    model_name: str = "",
-    head: str = "head",
-) -> tuple[dict[str, PyTree], bool]:
-    """Copies pretrained variables into freshly initialised ones, keeping the fresh head when it differs.
-
-    Args:
-      target: Fresh ``{'params', 'batch_stats'}`` of the model being trained (numpy).
-      loaded: Pretrained ``{'params', 'batch_stats'}``.
-      info: Description of the pretrained model (for error messages).
-      model_name: ``config.model`` (for error messages).
-      head: Top-level name of the classifier head.
-
-    Returns:
-      ``(variables, head_reinitialised)``; values take ``target``'s dtypes.
-
-    Raises:
-      ValueError: as `check_pretrained`.
-    """
-    head_reinit = check_pretrained(target, loaded, info=info, model_name=model_name, head=head)
-    flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
-    out = {}
-    for k, v in flat_t.items():
-        keep_fresh = head_reinit and k.split("/")[1] == head
-        out[k] = np.asarray(v) if keep_fresh else np.asarray(flat_l[k]).astype(np.asarray(v).dtype)
-    return traverse_util.unflatten_dict(out, sep="/"), head_reinit
 
 
 # ----------------------------------------------------------------------------- run helpers
@@ -528,18 +205,6 @@ def _nonfinite_error(what: str, step: int, last_good: int | None, config: ml_col
     )
 
 
-def _model_info(config: ml_collections.ConfigDict, spec: models.CvTSpec, num_classes: int) -> dict[str, Any]:
-    return {
-        "variant": config.model,
-        "model": config.model,
-        "spec": spec.to_dict(),
-        "num_classes": int(num_classes),
-        "act": config.act,
-        "image_size": int(config.image_size),
-        "dataset": config.dataset,
-    }
-
-
 def _periodic_actions(config: ml_collections.ConfigDict, writer: Any, total_steps: int, workdir: str) -> list[Any]:
     """Periodic actions: clu's ReportProgress/Profile when clu.periodic_actions imports, else a profiler."""
     actions: list[Any] = []
@@ -596,7 +261,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     t_start = time.time()
     _quiet_library_logs()
-    data = _data_module()
     validate_config(config)
     workdir_path = pathlib.Path(workdir).expanduser().absolute()
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -625,42 +289,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         tu.peak_learning_rate(config), run.warmup_steps, run.eval_every_steps, run.checkpoint_every_steps,
     )  # fmt: skip
 
-    rep = sharding.replicated_sharding(mesh)
-    init_rng, init_state, abstract_state = program.init_rng, program.init_state, program.abstract_state
     num_params = program.num_params
-    macs = _safe_macs(spec, config.image_size, num_classes)
+    macs = float(flops.count_macs(spec, config.image_size, num_classes))
     logging.info("Parameters: %s; %.3f GMACs per image at %d px.", f"{num_params:,}", macs / 1e9, config.image_size)
 
-    ckpts = Checkpoints(workdir_path / CHECKPOINT_DIR, config.keep_checkpoints)
-    best = {"accuracy": -1.0, "step": -1}
-    latest = ckpts.latest_step()
+    # ------------------------------------------------------------------ load checkpoint
+    # Resume order (checkpoint.restore_or_initialize): the workdir's latest checkpoint (the whole state), else
+    # config.init_from (weights only, head re-initialised for a new class count), else from scratch.
+    ckpts = ckpt_lib.Checkpoints(workdir_path / ckpt_lib.CHECKPOINT_DIR, config.keep_checkpoints)
     # SIGTERM from here on (compilation included) stops the run cleanly after its next step, with a checkpoint.
     stop_flag = _StopFlag().install()
     try:
-        if config.eval_only and latest is None and not config.init_from:
-            raise ValueError(
-                f"--config.eval_only=True needs weights: {workdir_path} has no checkpoint and "
-                f"--config.init_from is empty. {_INIT_FROM_HELP}"
-            )
-        if latest is not None:
-            expected = _model_info(config, spec, num_classes)
-            state, meta = ckpts.restore(latest, abstract_state, rep, expected=expected)
-            best = {"accuracy": float(meta.get("best_accuracy", -1.0)), "step": int(meta.get("best_step", -1))}
-            logging.info("Resumed from %s at step %d.", ckpts.directory / str(latest), int(state.step))
-        elif config.init_from:
-            # Load and check the architecture before compiling anything (mismatches fail fast).
-            loaded, init_info = load_init_from(config.init_from)
-            abstract_vars = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
-            check_pretrained(abstract_vars, loaded, info=init_info, model_name=config.model)
-            state = _apply_init_from(config, init_state(init_rng), mesh, loaded, init_info)
-        elif config.get("require_init_from", False):
-            raise ValueError(
-                f"This config fine-tunes a pretrained model but --config.init_from is empty and {workdir_path} has "
-                f"no checkpoint to resume. {_INIT_FROM_HELP}"
-            )
-        else:
-            logging.info("Starting from scratch (seed %d).", config.seed)
-            state = init_state(init_rng)
+        start = ckpt_lib.restore_or_initialize(config, program, mesh, ckpts, workdir_path)
+        state, best = start.state, start.best
         if is_main:
             _log_parameter_overview(state.params)
 
@@ -672,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "dataset": config.dataset,
                 "split": config.eval_split,
                 "model": config.model,
-                "source": str(ckpts.directory / str(latest)) if latest is not None else config.init_from,
+                "source": start.path,
                 **eval_metrics,
             }
             logging.info(
@@ -691,12 +332,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpts.close()
 
 
-def _safe_macs(spec: models.CvTSpec, image_size: int, num_classes: int) -> float:
-    from cvt_flax import flops
-
-    return float(flops.count_macs(spec, image_size, num_classes))
-
-
 def _log_parameter_overview(params: PyTree) -> None:
     try:
         from clu import parameter_overview
@@ -706,50 +341,19 @@ def _log_parameter_overview(params: PyTree) -> None:
         logging.info("No parameter overview (%s).", e)
 
 
-def _apply_init_from(
-    config: ml_collections.ConfigDict,
-    state: tu.TrainState,
-    mesh: Any,
-    loaded: Mapping[str, PyTree],
-    info: Mapping[str, Any],
-) -> tu.TrainState:
-    """Copies checked pretrained variables into a freshly initialised state (new head when needed)."""
-    target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    merged, head_reinit = merge_pretrained(target, loaded, info=info, model_name=config.model)
-    act = info.get("act")
-    if act and act != config.act:
-        logging.warning(
-            "init_from was trained with activation %r but --config.act=%r; the weights fit but the function "
-            "differs. Set --config.act=%s to fine-tune the same network.",
-            act, config.act, act,
-        )  # fmt: skip
-    if head_reinit:
-        logging.info(
-            "init_from: new classifier head (checkpoint: %s classes, now %s).",
-            info.get("num_classes", "?"), merged["params"]["head"]["kernel"].shape[-1],
-        )  # fmt: skip
-    merged = sharding.replicate(merged, mesh)
-    state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
-    if state.ema_params is not None:
-        state = state.replace(ema_params=merged["params"])
-    logging.info("Initialised from %s (%s).", info.get("source", config.init_from), _describe(info))
-    return state
-
-
 def _train_loop(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
     state: tu.TrainState,
     program: tu.TrainProgram,
     mesh: Any,
-    ckpts: Checkpoints,
+    ckpts: ckpt_lib.Checkpoints,
     best: dict[str, Any],
     info: Any,
     macs: float,
     t_start: float,
     stop_flag: _StopFlag,
 ) -> dict[str, Any]:
-    data = _data_module()
     is_main = jax.process_index() == 0
     start_step = int(state.step)
     num_classes = int(info.num_classes)
@@ -764,7 +368,7 @@ def _train_loop(
 
     actions = _periodic_actions(config, writer, run.total_steps, str(workdir))
     reporter = writers.ProgressReporter(run.total_steps, config.batch_size, start_step)
-    model_info = _model_info(config, model.spec, num_classes)
+    model_info = ckpt_lib.run_model_info(config, model.spec, num_classes)
     last_eval: dict[str, float] | None = None
     status = "completed"
     step = start_step
@@ -853,7 +457,7 @@ def _train_loop(
     ckpts.wait()
     final_step = int(state.step)
     if status == "completed":
-        _export_model(workdir / MODEL_DIR, state, model_info)
+        ckpt_lib.export_model(workdir / ckpt_lib.MODEL_DIR, state, model_info)
 
     wall = time.time() - t_start
     summary = {
@@ -896,22 +500,7 @@ def _train_loop(
     return summary
 
 
-def _export_model(directory: pathlib.Path, state: tu.TrainState, model_info: Mapping[str, Any]) -> None:
-    """Writes the final model (eval variables) as a model checkpoint, for `init_from` and inference."""
-    try:
-        from cvt_flax import checkpoint as model_ckpt
-    except ImportError:
-        return
-    variables = jax.device_get(state.eval_variables())
-    model_ckpt.save_model(directory, variables, {**model_info, "source": "cvt-flax training"})
-    logging.info("Exported the final model to %s.", directory)
-
-
 __all__ = [
-    "Checkpoints",
-    "check_pretrained",
-    "load_init_from",
-    "merge_pretrained",
     "train_and_evaluate",
     "validate_config",
     "validate_image_size",

@@ -68,7 +68,7 @@ def test_benchmarked_step_is_the_training_step(shared_dir, tmp_path):
     with another recipe (label smoothing 0 instead of 0.1) does not, so the comparison can fail."""
     import jax
 
-    from cvt_flax import data, sharding, train
+    from cvt_flax import checkpoint, data, sharding, train
 
     w = _fashion_workload()
     config = w.config()
@@ -76,7 +76,7 @@ def test_benchmarked_step_is_the_training_step(shared_dir, tmp_path):
     config.download = False
     workdir = tmp_path / "run"
     train.train_and_evaluate(config, str(workdir))
-    trained, _ = train.load_init_from(str(workdir / "checkpoints"))
+    trained, _ = checkpoint.load_init_from(str(workdir / "checkpoints"))
     logged = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
 
     # The batch main.py trained on (batch k is a pure function of config, seed and k), on one device.

@@ -14,15 +14,9 @@ import numpy as np
 import pytest
 
 from cvt_flax import checkpoint
-from cvt_flax.convert import (
-    convert_state_dict,
-    expected_shapes,
-    hf_key_to_official,
-    load_torch_checkpoint,
-    main,
-    official_key_to_hf,
-)
+from cvt_flax.convert import convert_state_dict, load_torch_checkpoint, main
 from cvt_flax.models import get_spec
+from cvt_flax.models.weights import expected_shapes, hf_key_to_official, official_key_to_hf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-4
@@ -214,7 +208,7 @@ def test_cli_bin_and_official_pth(tiny_hf, tmp_path, capsys):
     """torch.save files: a HF .bin and an official-format .pth ({'state_dict'}, `module.` prefix)."""
     import torch
 
-    from cvt_flax.convert import hf_to_official_keys
+    from cvt_flax.models.weights import hf_to_official_keys
 
     model, x, ref = tiny_hf
     state = model.state_dict()

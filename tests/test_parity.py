@@ -20,11 +20,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cvt_flax.checkpoint import model_from_info  # noqa: E402
-from cvt_flax.convert import (  # noqa: E402
-    convert_state_dict,
-    hf_to_official_keys,
-    official_to_hf_keys,
-)
+from cvt_flax.convert import convert_state_dict  # noqa: E402
+from cvt_flax.models.weights import hf_to_official_keys, official_to_hf_keys  # noqa: E402
 
 ATOL = 1e-4
 

@@ -21,6 +21,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("tensorflow")
 
 from configs import smoke  # noqa: E402
+from cvt_flax import checkpoint as ckpt_lib  # noqa: E402
 from cvt_flax import train as train_lib  # noqa: E402
 
 # Compile each program once per machine (tests, resumed runs and subprocesses reuse it).
@@ -80,14 +81,14 @@ def run(config, workdir):
     The mock redirects file-system calls to a temporary tree while TFDS builds a dataset (e.g. each eval pass);
     an asynchronous checkpoint write at that moment would land there, so saves wait until written.
     """
-    save = train_lib.Checkpoints.save
+    save = ckpt_lib.Checkpoints.save
 
     def save_and_wait(self, *args, **kwargs):
         save(self, *args, **kwargs)
         self.wait()
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_lib.Checkpoints, "save", save_and_wait)
+        mp.setattr(ckpt_lib.Checkpoints, "save", save_and_wait)
         with tfds.testing.mock_data(num_examples=MOCK_TRAIN, data_dir=str(config.data_dir)):
             return train_lib.train_and_evaluate(config, str(workdir))
 
@@ -97,7 +98,7 @@ def run_real(config, workdir):
 
 
 def final_params(workdir):
-    variables, _ = train_lib.load_init_from(str(workdir))
+    variables, _ = ckpt_lib.load_init_from(str(workdir))
     return variables["params"]
 
 
@@ -106,32 +107,21 @@ def flat(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v) for p, v in leaves}
 
 
-class DataWrapper:
-    """The data module with a train iterator that misbehaves at one step (SIGTERM to this process, or NaN images)."""
+def patch_data(monkeypatch, at_step: int, action: str) -> None:
+    """Makes the train iterator misbehave at one step (SIGTERM to this process, or NaN images)."""
+    from cvt_flax import data
 
-    def __init__(self, real, at_step: int, action: str):
-        self.real, self.at_step, self.action = real, at_step, action
+    real = data.create_train_iterator
 
-    def __getattr__(self, name):
-        return getattr(self.real, name)
+    def create_train_iterator(config, mesh, *, seed, start_step):
+        for step, batch in enumerate(real(config, mesh, seed=seed, start_step=start_step), start=start_step + 1):
+            if step == at_step and action == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            if step == at_step and action == "nan":
+                batch = {**batch, "image": batch["image"] * np.float32("nan")}
+            yield batch
 
-    def create_train_iterator(self, config, mesh, *, seed, start_step):
-        it = self.real.create_train_iterator(config, mesh, seed=seed, start_step=start_step)
-
-        def gen():
-            for step, batch in enumerate(it, start=start_step + 1):
-                if step == self.at_step and self.action == "sigterm":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if step == self.at_step and self.action == "nan":
-                    batch = {**batch, "image": batch["image"] * np.float32("nan")}
-                yield batch
-
-        return gen()
-
-
-def patch_data(monkeypatch, at_step, action):
-    real = train_lib._data_module()
-    monkeypatch.setattr(train_lib, "_data_module", lambda: DataWrapper(real, at_step, action))
+    monkeypatch.setattr(data, "create_train_iterator", create_train_iterator)
 
 
 # ----------------------------------------------------------------------------- mocked CIFAR-100

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
+from cvt_flax import checkpoint as ckpt_lib
 from cvt_flax import train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_two_processes_match_one(shared_dir, tmp_path):
     assert (s1["num_devices"], s1["num_processes"]) == (8, 1) and (s2["num_devices"], s2["num_processes"]) == (8, 2)
     assert s2["final_eval"]["count"] == s1["final_eval"]["count"] == 40  # every eval example once over processes
     assert s2["final_eval"]["loss"] == pytest.approx(s1["final_eval"]["loss"], abs=1e-4)
-    a, b = train_lib.load_init_from(str(one))[0], train_lib.load_init_from(str(two))[0]
+    a, b = ckpt_lib.load_init_from(str(one))[0], ckpt_lib.load_init_from(str(two))[0]
     leaves_b = dict(jax.tree_util.tree_leaves_with_path(b))
     for path, x in jax.tree_util.tree_leaves_with_path(a):
         np.testing.assert_allclose(np.asarray(x), np.asarray(leaves_b[path]), atol=1e-4, err_msg=str(path))

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from configs import default
+from cvt_flax import checkpoint as ckpt_lib
 from cvt_flax import models, plots, sharding, writers
-from cvt_flax import train as train_lib
 from cvt_flax import train_utils as tu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,11 +246,11 @@ def _vars(head_classes=10, width=48):
 def test_merge_pretrained_replaces_a_different_head():
     target, loaded = _vars(10), _vars(1000)
     loaded["params"]["stage0"]["patch_embed"]["proj"]["kernel"] *= 3
-    merged, reinit = train_lib.merge_pretrained(target, loaded)
+    merged, reinit = ckpt_lib.merge_pretrained(target, loaded)
     assert reinit and merged["params"]["head"]["kernel"].shape == (48, 10)
     assert np.all(merged["params"]["stage0"]["patch_embed"]["proj"]["kernel"] == 3)
     assert np.all(merged["batch_stats"]["stage0"]["bn"]["mean"] == 2)
-    merged, reinit = train_lib.merge_pretrained(target, _vars(10))
+    merged, reinit = ckpt_lib.merge_pretrained(target, _vars(10))
     assert not reinit
 
 
@@ -259,7 +259,7 @@ def test_check_pretrained_names_mismatches():
     loaded["params"]["stage0"]["patch_embed"]["proj"]["kernel"] = np.ones((3, 3, 1, 64), np.float32)
     loaded["params"]["extra"] = {"kernel": np.zeros(3)}
     with pytest.raises(ValueError) as e:
-        train_lib.check_pretrained(_vars(10), loaded, info={"variant": "cvt_13"}, model_name="cvt_tiny")
+        ckpt_lib.check_pretrained(_vars(10), loaded, info={"variant": "cvt_13"}, model_name="cvt_tiny")
     msg = str(e.value)
     assert "params/stage0/patch_embed/proj/kernel: checkpoint (3, 3, 1, 64) vs model (3, 3, 3, 48)" in msg
     assert "batch_stats/stage0/bn/mean" in msg and "params/extra/kernel" in msg

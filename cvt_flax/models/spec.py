@@ -8,7 +8,6 @@ dataclass so that it can be a field of a Flax module and a key of a cache.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 PROJECTION_METHODS = ("dw_bn", "avg", "linear")
@@ -183,10 +182,3 @@ class CvTSpec:
             grids.append((h_out, w_out))
             h, w = h_out, w_out
         return grids
-
-
-def as_tuple(x: Any, n: int) -> tuple:
-    """Broadcasts a scalar to an ``n``-tuple; passes sequences through as tuples."""
-    if isinstance(x, Sequence) and not isinstance(x, str):
-        return tuple(x)
-    return (x,) * n
