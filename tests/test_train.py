@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 
 import jax
 import numpy as np
@@ -25,11 +24,6 @@ from cvt_flax import checkpoint as ckpt_lib  # noqa: E402
 from cvt_flax import train as train_lib  # noqa: E402
 
 # Compile each program once per machine (tests, resumed runs and subprocesses reuse it).
-CACHE_DIR = os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cvt_flax_test_jax_cache")
-)
-jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 MOCK_TRAIN, MOCK_TEST = 64, 40
 

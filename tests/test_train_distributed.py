@@ -12,7 +12,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -23,11 +22,6 @@ from cvt_flax import checkpoint as ckpt_lib
 from cvt_flax import train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CACHE_DIR = os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cvt_flax_test_jax_cache")
-)
-jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 BASE_ENV = {
     **os.environ,
     "PYTHONPATH": str(REPO),
@@ -35,7 +29,7 @@ BASE_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "3",
     # 4 CPU devices per process; LLVM at -O0 compiles ~40% faster (4 steps need no fast code).
     "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
-    "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
+    "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"],
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
 }
 
