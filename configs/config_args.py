@@ -7,11 +7,8 @@ unknown keys or bad values.
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Mapping
 from typing import Any
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _convert(key: str, text: str, default: Any) -> Any:
@@ -68,9 +65,3 @@ def parse(arg: str | None, defaults: Mapping[str, Any], choices: Mapping[str, tu
             raise ValueError(f"Config argument {key}={value!r} is not one of {list(choices[key])}.")
         out[key] = value
     return out
-
-
-def shared_path(*parts: str) -> str | None:
-    """Absolute path of ``<repo>/../shared/<parts>`` when it exists, else None."""
-    path = REPO_ROOT.parent.joinpath("shared", *parts)
-    return str(path) if path.exists() else None

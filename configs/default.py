@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     # are converted to luminance). 0: the dataset's own channel count.
     config.num_channels = 3
 
+    # Input pipeline settings (config.input.*).
     config.input = ml_collections.ConfigDict()
     # 'tfdata': TFDS + tf.data on the host (needs TensorFlow); 'device': the whole
     # dataset read once through `tfds.data_source` (no TensorFlow), kept in
@@ -77,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.input.normalization = "auto"
 
     # ---------------------------------------------------------------- augmentation
+    # Train/eval preprocessing and augmentation settings (config.aug.*).
     config.aug = ml_collections.ConfigDict()
     # Train crop: 'pad_crop' (pad then random crop; CIFAR style),
     # 'random_resized_crop' (Inception style; ImageNet), 'resize' (no crop).
@@ -94,8 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.aug.color_jitter = 0.0
     # Random-erasing probability (per image; pixel mode as timm).
     config.aug.random_erasing = 0.25
-    # Mixup / CutMix (on device, in the train step). alpha 0 disables each;
-    # with both on, one of the two is picked per batch with `cutmix_switch_prob`.
+    # Mixup / CutMix (on device, in the train step). alpha 0 disables each; a batch
+    # is mixed with probability `mix_prob`, and with both on, CutMix is picked with
+    # probability `cutmix_switch_prob` (Mixup otherwise).
     config.aug.mixup_alpha = 0.8
     config.aug.cutmix_alpha = 1.0
     config.aug.mix_prob = 1.0
@@ -127,7 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.min_learning_rate = 1e-5
     # Weight decay (decoupled for AdamW); not applied to biases, norms, cls tokens.
     config.weight_decay = 0.05
-    # AdamW betas / epsilon; SGD momentum.
+    # AdamW betas / epsilon; SGD momentum and Nesterov (on/off).
     config.b1 = 0.9
     config.b2 = 0.999
     config.eps = 1e-8

@@ -2,8 +2,8 @@
 
 Reads the prepared copy in ``../shared/tfds`` (TFRecord, tf.data pipeline) or
 ``../shared/tfds_array_record`` (``:pipeline=device``: ``tfds.data_source`` + JAX
-augmentation, no TensorFlow) when it exists beside the repository; otherwise
-TFDS's default data dir (downloading when allowed).
+augmentation, no TensorFlow) when it exists beside the repository (see
+``configs/offline_data.py``); otherwise TFDS's default data dir (downloading).
 
 Options (``:key=value,...``):
 
@@ -20,11 +20,17 @@ Options (``:key=value,...``):
 
 The model takes 1-channel input (``num_channels=1``; the train code builds the
 model with ``in_chans`` equal to the data's channels).
+
+Everything not set here is ``configs/default.py``'s: ``train``/``test`` splits,
+cached input, ``'auto'`` normalisation (Fashion-MNIST's own statistics), flips,
+resize for eval; AdamW with 5%-of-the-run warmup from 1e-6, cosine to 1e-5,
+weight decay 0.05, gradient clipping 1.0, label smoothing 0.1, no EMA; evaluation
+and checkpoints once per epoch.
 """
 
 import ml_collections
 
-from configs import config_args
+from configs import config_args, offline_data
 from configs import default as default_lib
 
 VARIANTS = ("cvt_mini", "cvt_6_32", "cvt_13_32", "cvt_21_32", "cvt_tiny")
@@ -37,67 +43,52 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"variant": "cvt_mini", "epochs": -1.0, "batch": 64, "pipeline": "tfdata", "size": 28},
         choices={"variant": VARIANTS, "pipeline": ("tfdata", "device"), "size": (28, 32)},
     )
+    # CPU variants (a few epochs) or accelerator variants (many epochs).
+    small = args["variant"] in ("cvt_mini", "cvt_tiny")
     config = default_lib.get_config()
 
     # ------------------------------------------------------------ model
     config.model = args["variant"]
     # float32 on CPU; bfloat16 on accelerators.
-    config.dtype = "float32" if args["variant"] in ("cvt_mini", "cvt_tiny") else "bfloat16"
+    config.dtype = "float32" if small else "bfloat16"
 
     # ------------------------------------------------------------ data
     config.dataset = "fashion_mnist"
     config.input.pipeline = args["pipeline"]
-    # The prepared copy beside the repo (../shared), resolved to an absolute path;
-    # None (TFDS default dir, with download) when it is not there.
-    shared = config_args.shared_path("tfds" if args["pipeline"] == "tfdata" else "tfds_array_record")
-    config.data_dir = shared
-    config.download = shared is None
-    config.train_split = "train"
-    config.eval_split = "test"
+    # The prepared copy beside the repo (../shared, see offline_data.py), as an
+    # absolute path; None (TFDS default dir, with download) when it is not there.
+    config.data_dir = offline_data.tfds_data_dir(args["pipeline"])
+    config.download = config.data_dir is None
     config.image_size = args["size"]
     # Grayscale: the model gets one channel.
     config.num_channels = 1
-    config.input.cache = True
+    # The whole train split (60k) fits the shuffle buffer (and the in-memory cache).
     config.input.shuffle_buffer = 60_000
-    config.input.normalization = "auto"
     # CPU budget (cvt_mini/cvt_tiny, a few epochs): the model underfits (train
     # accuracy ~ test accuracy), so only horizontal flips and no stochastic
     # depth. Accelerator variants (many epochs): pad-2 random crop, flips and
     # random erasing (as the WRN + random-erasing baseline), stochastic depth 0.1.
-    small = args["variant"] in ("cvt_mini", "cvt_tiny")
+    # Neither uses RandAugment, colour jitter or mixup/cutmix.
     config.aug.crop = "resize" if small else "pad_crop"
     config.aug.crop_padding = 2
-    config.aug.hflip = True
     config.aug.randaugment_layers = 0
-    config.aug.color_jitter = 0.0
     config.aug.random_erasing = 0.0 if small else 0.25
     config.drop_path_rate = 0.0 if small else 0.1
     config.aug.mixup_alpha = 0.0
     config.aug.cutmix_alpha = 0.0
-    config.aug.eval_crop = "resize"
 
     # ------------------------------------------------------------ optimisation
     config.batch_size = args["batch"]
     # Default length: 5 epochs for the CPU variants (about 15 minutes on 2 cores),
     # 40 for the accelerator variants.
     config.num_epochs = float(args["epochs"]) if args["epochs"] > 0 else (5.0 if small else 40.0)
-    config.optimizer = "adamw"
-    # 2e-3 whatever the batch size (AdamW; linear scaling would overshoot at 256+).
+    # AdamW at 2e-3 whatever the batch size (no scaling: linear scaling would
+    # overshoot at 256+).
     config.learning_rate = 2e-3
-    config.lr_base_batch_size = 0
     # Warm up over 5% of the run (follows --config.num_epochs overrides).
     config.warmup_epochs = config.get_ref("num_epochs") * 0.05
-    config.warmup_init_lr = 1e-6
-    config.min_learning_rate = 1e-5
-    config.weight_decay = 0.05
-    config.grad_clip_norm = 1.0
-    config.label_smoothing = 0.1
-    config.ema_decay = 0.0
 
     # ------------------------------------------------------------ run
     config.log_every_steps = 50
-    # Evaluate and checkpoint once per epoch.
-    config.eval_every_steps = -1
-    config.checkpoint_every_steps = -1
     config.keep_checkpoints = 2
     return config

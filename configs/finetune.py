@@ -64,15 +64,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ------------------------------------------------------------ model
     # The pretrained architecture; its head is replaced for the new classes.
+    # default.py's stochastic depth 0.1 in the last stage; no dropout (as pretraining).
     config.model = args["variant"]
     config.act = args["act"]
-    # Stochastic depth 0.1 in the last stage; no dropout (as pretraining).
-    config.drop_path_rate = 0.1
-    config.dtype = "bfloat16"
     # Refuse to train from scratch: init_from (or a checkpoint to resume) is required.
     config.require_init_from = True
 
     # ------------------------------------------------------------ data
+    # Pretrained models take RGB (default.py's 3 channels): grayscale datasets are tiled.
     config.dataset = args["dataset"]
     config.train_split = train_split
     config.eval_split = eval_split
@@ -80,31 +79,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # TFDS data dir, or the image-folder root.
         config.data_dir = args["data_dir"]
     config.image_size = res
-    # Pretrained models take RGB: grayscale datasets are tiled to 3 channels.
-    config.num_channels = 3
     config.input.cache = low_res  # Small low-resolution datasets fit in memory.
     config.input.shuffle_buffer = 16_384
-    config.input.normalization = "auto"
     if low_res:
-        # Upsampled small images: pad-and-crop (1/8 of the side) + flip, plain resize for eval.
-        config.aug.crop = "pad_crop"
+        # Upsampled small images: default.py's pad-and-crop (padding 1/8 of the side)
+        # + flip, plain resize for eval.
         config.aug.crop_padding = max(1, res // 8)
-        config.aug.eval_crop = "resize"
     else:
-        # Natural images: a mild random-resized crop, center crop 0.875 for eval.
+        # Natural images: a mild random-resized crop + flip, center crop 0.875 for eval.
         config.aug.crop = "random_resized_crop"
         config.aug.crop_min_scale = 0.25
         config.aug.eval_crop = "center_crop"
-        config.aug.eval_crop_ratio = 0.875
-    config.aug.hflip = True
+    # No RandAugment, random erasing or mixing (nor colour jitter, as default.py).
     config.aug.randaugment_layers = 0
-    config.aug.color_jitter = 0.0
     config.aug.random_erasing = 0.0
     config.aug.mixup_alpha = 0.0
     config.aug.cutmix_alpha = 0.0
 
     # ------------------------------------------------------------ optimisation
-    config.batch_size = 512
+    # Batch 512, gradient clipping 1.0, label smoothing 0.1, no EMA: default.py's.
     config.num_epochs = float(args["epochs"] if args["epochs"] > 0 else epochs)
     # 10% of the run warms up (follows --config.num_epochs overrides).
     config.warmup_epochs = config.get_ref("num_epochs") * 0.1
@@ -114,20 +107,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.lr_base_batch_size = 512
     config.optimizer = args["opt"]
     if args["opt"] == "sgd":
+        # Momentum 0.9 (default.py's), without Nesterov and without weight decay.
         config.learning_rate = 0.01
-        config.momentum = 0.9
         config.nesterov = False
         config.weight_decay = 0.0
     else:
+        # AdamW with default.py's weight decay 0.05.
         config.learning_rate = 1e-4
-        config.weight_decay = 0.05
-    config.grad_clip_norm = 1.0
-    config.label_smoothing = 0.1
-    config.ema_decay = 0.0
 
     # ------------------------------------------------------------ run
+    # Evaluation and checkpoints once per epoch (default.py's).
     config.log_every_steps = 20
-    config.eval_every_steps = -1
-    config.checkpoint_every_steps = -1
     config.keep_checkpoints = 2
     return config
