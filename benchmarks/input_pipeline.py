@@ -38,7 +38,6 @@ import numpy as np  # noqa: E402
 from benchmarks import harness  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 RECIPES = ("cifar_fmnist", "cifar_mock", "imagenet")
 
 
@@ -49,7 +48,9 @@ def base_config(data_dir: str | None = None, pipeline: str = "tfdata") -> Any:
     config = default.get_config()
     config.dataset = "fashion_mnist"
     if data_dir is None:
-        data_dir = str(SHARED / ("tfds" if pipeline == "tfdata" else "tfds_array_record"))
+        from configs import offline_data
+
+        data_dir = offline_data.tfds_data_dir(pipeline)
     config.data_dir = data_dir
     config.download = False
     config.image_size = 32
