@@ -119,6 +119,18 @@ def pct(x: float | None) -> str:
 
 # ----------------------------------------------------------------------------- measuring
 
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One timestamped line on stderr (seconds since the process imported the harness), flushed at once.
+
+    Every stage of a measurement reports itself, so that a run stopped by its time limit still shows where the
+    time went (import, build, initialisation, compilation, first step, timed steps).
+    """
+    sys.stderr.write(f"[bench +{time.monotonic() - _T0:7.1f}s] {message}\n")
+    sys.stderr.flush()
+
 
 class Backend(Protocol):
     """What the harness needs of a framework on one device."""
@@ -204,13 +216,16 @@ def measure(
     backend.reset_peak()
     compile_s = None
     if compile_fn is not None:
+        progress(f"compiling (batch {batch})")
         t0 = time.perf_counter()
         compile_fn()
         compile_s = time.perf_counter() - t0
+        progress(f"compiled in {compile_s:.1f} s")
     t0 = time.perf_counter()
     last = step()
     backend.sync(last)
     first_step_s = time.perf_counter() - t0
+    progress(f"first step {first_step_s:.2f} s; {max(0, warmup - 1)} warm-up + {steps} timed steps")
     for _ in range(max(0, warmup - 1)):
         last = step()
         backend.sync(last)
@@ -220,6 +235,7 @@ def measure(
         last = step()
         backend.sync(last)
         times.append(time.perf_counter() - t0)
+    progress(f"median step {1e3 * median(times):.2f} ms" if times else "no timed steps")
     return Phase(
         batch=batch,
         times=times,

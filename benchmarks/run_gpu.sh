@@ -21,6 +21,8 @@
 #   V2=cvt_21@224:128/256,cvt_w24@224:32/64      part 2 (torch.compile only when time allows)
 #   EXTRA_ATTENTION=cudnn   part 3: other JAX attention kernels on V3=cvt_13@224:128/256 ('' to skip)
 #   P1_RESERVE=150     seconds of TOTAL_S that part 1 leaves to the later parts
+#   SMOKE=1            part 0: our step on cvt_tiny@32 first (60 s limit): JAX on this GPU works, and how fast it compiles
+#   XLA_AUTOTUNE=      e.g. 0: --xla_gpu_autotune_level for our rows (compile time vs kernel choice)
 #   TORCH_MODES=eager,compile  JAX_TIMEOUT_S=150 TORCH_TIMEOUT_S=210  DTYPE=bfloat16  FIND_MAX=0  FED=auto
 #   PYTHON=python3  EXPECT=gpu (JAX rows not on this platform are errors; '' to allow any, e.g. a CPU dry run)
 # CPU dry run (what tests/test_benchmarks.py does):
@@ -41,7 +43,8 @@ V2=${V2-cvt_21@224:128/256,cvt_w24@224:32/64}
 V3=${V3:-cvt_13@224:128/256}
 TORCH_MODES=${TORCH_MODES:-eager,compile}
 DTYPE=${DTYPE:-bfloat16}
-JAX_TIMEOUT_S=${JAX_TIMEOUT_S:-150}
+JAX_TIMEOUT_S=${JAX_TIMEOUT_S:-240}
+SMOKE=${SMOKE:-1}
 TORCH_TIMEOUT_S=${TORCH_TIMEOUT_S:-210}
 EXPECT=${EXPECT-gpu}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
@@ -51,6 +54,9 @@ mkdir -p "$OUT_DIR"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cvt_bench.XXXXXX")
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX and torch share the GPU (compare.py sets it too)
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
+# JAX_LOG_COMPILES=1: every jit's compile time in the logs (long lines); the [bench] lines time each stage anyway.
+export JAX_LOG_COMPILES=${JAX_LOG_COMPILES:-0}
+[ -n "${XLA_AUTOTUNE:-}" ] && export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=$XLA_AUTOTUNE"
 
 # ------------------------------------------------------------------ set-up: the kit, the environment
 if [ -f .device/setup.sh ]; then bash .device/setup.sh > "$WORK/setup.log" 2>&1 || cat "$WORK/setup.log"; fi
@@ -77,6 +83,15 @@ cat "$OUT_DIR/env.txt"
 
 COMMON=(--dtype "$DTYPE" --steps "$STEPS" --warmup "$WARMUP" --jax-attention explicit --expect-platform "$EXPECT"
         --jax-timeout-s "$JAX_TIMEOUT_S" --torch-timeout-s "$TORCH_TIMEOUT_S" --profile-dir "$WORK/profile" "${EXTRA[@]}")
+
+# ------------------------------------------------------------------ 0. smoke: does our step run on this GPU, how fast does it compile
+if [ "$SMOKE" = 1 ]; then
+  echo "== part 0: our step on cvt_tiny@32 ($(left) s left)"
+  timeout 60 $PY -m benchmarks.throughput --model cvt_tiny --image-size 32 --train-batch 64 --infer-batch 64 \
+    --dtype "$DTYPE" --steps 3 --warmup 1 --json "$WORK/smoke.json" "${EXTRA[@]}" 2>&1 | tee "$WORK/smoke.log" \
+    | grep -v "Finished XLA compilation\|Finished tracing\|Finished jaxpr"
+  echo "part 0 exit status: ${PIPESTATUS[0]}"
+fi
 
 # ------------------------------------------------------------------ 1. the two most-used variants, all modes
 # Per variant: our step first (its own child process and time limit), then torch eager and torch.compile.

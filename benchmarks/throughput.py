@@ -33,6 +33,8 @@ from typing import Any
 from benchmarks import harness
 from benchmarks.recipe import DTYPES, Workload, add_workload_args, workload_from_args
 
+harness.progress("importing jax")
+
 # Let JAX share the accelerator with torch (compare.py) and measure what it really uses; harmless alone.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -42,6 +44,8 @@ import numpy as np  # noqa: E402
 from cvt_flax import flops, sharding  # noqa: E402
 from cvt_flax import train_utils as tu  # noqa: E402
 from cvt_flax.models import get_spec  # noqa: E402
+
+harness.progress(f"jax {jax.__version__} imported")
 
 ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
 # --fast-compile: XLA options that halve CPU compile times at the cost of slower code (smoke tests only).
@@ -117,10 +121,13 @@ def train_phase(
     profile_steps: int = 5,
 ) -> tuple[harness.Phase, tu.TrainProgram, Any]:
     """Compiles and times the training loop's train step at ``batch``; returns the phase, program and state."""
+    harness.progress(f"{w.model}@{w.image_size}: building the training program ({w.recipe})")
     program = build_program(config, w.num_classes, backend.device)
+    harness.progress(f"initialising the train state on {backend.device} ({program.num_params:,} parameters)")
     state = program.init_state(program.init_rng)
     data = synthetic_batch(batch, w.image_size, w.num_classes, w.seed, inputs)
     jax.block_until_ready((state, data))
+    harness.progress("train state ready; timing the train step")
     box: dict[str, Any] = {"state": state}
 
     def compile_fn() -> None:
@@ -142,6 +149,7 @@ def train_phase(
     if profile_dir:
         from benchmarks import profile_table
 
+        harness.progress(f"tracing 5 train steps into {profile_dir}")
         profile_table.trace_steps(step, backend.sync, profile_dir, profile_steps)
     return phase, program, box["state"]
 
@@ -156,6 +164,7 @@ def infer_phase(
     compiler_options: dict[str, Any] | None = None,
 ) -> harness.Phase:
     """Compiles and times the training loop's eval step (``train=False`` forward and metrics)."""
+    harness.progress(f"{w.model}@{w.image_size}: timing the eval step")
     inputs = None if images is None else (images, np.zeros(len(images), np.int32))
     data = synthetic_batch(w.infer_batch, w.image_size, w.num_classes, w.seed + 7, inputs)
     box: dict[str, Any] = {}
@@ -222,6 +231,7 @@ def benchmark(
     """
     _check(w, attention)
     backend = JaxBackend()
+    harness.progress(f"device {backend.device} ({backend.device_kind}); attention {attention}")
     copts = dict(FAST_COMPILE_OPTIONS) if fast_compile else None
     config = w.config()
     config.attention_impl = attention

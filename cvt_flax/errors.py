@@ -1,0 +1,120 @@
+"""User errors: one clear message that names the problem and the fix, never a traceback in the user's face.
+
+The command-line programs (``main.py`` / ``cvt-train``, ``python -m cvt_flax.convert``, ...) call `report` on an
+exception: a user error prints one message on stderr and the program exits with status 2, its traceback going to a
+log file (or to the terminal with ``--verbose``); anything else is an internal bug and keeps its traceback.
+
+What counts as a user error (`is_user_error`):
+
+* `UserError` (and its subclasses, e.g. `cvt_flax.data.DatasetError`), raised where cvt-flax checks its inputs;
+* a ``ValueError``/``TypeError``/``KeyError``/``FileNotFoundError``/``NotADirectoryError``/``ImportError``
+  raised by a ``raise`` statement of cvt-flax's own code (``cvt_flax/`` or ``configs/``): the project writes those
+  messages for users (they say which ``--config`` field to set);
+* file-system conditions the user must fix, whoever raised them: no space left, permission denied, read-only
+  file system, a path that is a file where a folder is needed (`os_error_message` words them).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import sys
+import traceback
+from typing import IO
+
+_HERE = pathlib.Path(__file__).resolve()
+# Files whose `raise` statements speak to users: the package and the checkout's configs.
+_OWN_ROOTS = (str(_HERE.parent) + os.sep, str(_HERE.parents[1] / "configs") + os.sep)
+_OWN_TYPES = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError)
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """An error the user can fix (config, flags, data, checkpoint, file system); its message says how."""
+
+
+def _raised_by_own_code(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return False
+    filename = str(pathlib.Path(last.tb_frame.f_code.co_filename).resolve())
+    return filename.startswith(_OWN_ROOTS)
+
+
+def os_error_message(err: OSError) -> str | None:
+    """A one-line message with the fix for file-system conditions the user controls (None for others)."""
+    path = err.filename or "the path"
+    if err.errno == errno.ENOSPC:
+        return (
+            f"No space left on the device that holds {path}. Free space there (checkpoints of earlier steps in "
+            "<workdir>/checkpoints can go: the newest intact one is enough to resume) or choose another --workdir."
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"Permission denied for {path}. Choose a --workdir (or data_dir) you can write to, or fix its permissions."
+        )
+    if err.errno == errno.EROFS:
+        return f"{path} is on a read-only file system. Choose a --workdir on a writable disk."
+    if err.errno in (errno.EEXIST, errno.ENOTDIR) and path != "the path" and os.path.isfile(str(path)):
+        return f"{path} is a file, but a folder is needed there. Choose another --workdir or move the file."
+    return None
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a user error (see the module docstring)."""
+    if isinstance(exc, UserError):
+        return True
+    if isinstance(exc, OSError) and os_error_message(exc) is not None:
+        return True
+    return isinstance(exc, _OWN_TYPES) and _raised_by_own_code(exc)
+
+
+def message(exc: BaseException) -> str:
+    """The user-facing text of a user error."""
+    if isinstance(exc, OSError) and not isinstance(exc, UserError):
+        text = os_error_message(exc)
+        if text:
+            return text
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text.strip() or type(exc).__name__
+
+
+def report(exc: BaseException, *, log_file: str | os.PathLike | None = None, verbose: bool = False,
+           stream: IO[str] | None = None) -> int:  # fmt: skip
+    """Prints a user error as one message (traceback to ``log_file``); re-raises anything else.
+
+    Args:
+      exc: The exception caught at the top of a program.
+      log_file: Where the traceback of a user error goes (appended); None: nowhere.
+      verbose: Print the traceback on the terminal as well.
+      stream: Where the message goes (default stderr).
+
+    Returns:
+      The exit status for a user error (`EXIT_USER_ERROR`).
+
+    Raises:
+      BaseException: ``exc`` itself when it is not a user error (an internal bug keeps its traceback).
+    """
+    if not is_user_error(exc):
+        raise exc
+    stream = stream or sys.stderr
+    trace = "".join(traceback.format_exception(exc))
+    if log_file is not None:
+        try:
+            path = pathlib.Path(log_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(trace + "\n")
+        except OSError:
+            pass  # the message still reaches the user
+    if verbose:
+        stream.write(trace)
+    text = message(exc)
+    stream.write(f"error: {text}\n")
+    stream.flush()
+    return EXIT_USER_ERROR
