@@ -368,8 +368,9 @@ def _numeric_dirs(path: pathlib.Path) -> list[int]:
 
 
 INIT_FROM_HELP = (
-    "Point --config.init_from at a cvt-flax workdir, one of its checkpoints/<step> directories, or a model "
-    "directory with model.json (from `python -m cvt_flax.convert --input WEIGHTS --output DIR`)."
+    "Point --config.init_from at a cvt-flax workdir, one of its checkpoints/<step> directories, a model "
+    "directory with model.json (from `python -m cvt_flax.convert --input WEIGHTS --output DIR`), or a HuggingFace "
+    "hub id such as microsoft/cvt-13 (downloaded and converted once, see cvt_flax.pretrained)."
 )
 
 
@@ -378,8 +379,9 @@ def load_init_from(path: str) -> tuple[dict[str, PyTree], dict[str, Any]]:
 
     Args:
       path: A cvt-flax workdir (its latest checkpoint; else its ``model/``), a
-        ``checkpoints`` directory, one ``checkpoints/<step>`` directory, or a model
-        directory with ``model.json`` (converted official/HF weights).
+        ``checkpoints`` directory, one ``checkpoints/<step>`` directory, a model
+        directory with ``model.json`` (converted official/HF weights), or a
+        HuggingFace hub id (``microsoft/cvt-13``; `cvt_flax.pretrained.resolve_hub`).
 
     Returns:
       ``(variables, info)``; ``info`` has what is known about the architecture
@@ -390,7 +392,11 @@ def load_init_from(path: str) -> tuple[dict[str, PyTree], dict[str, Any]]:
     """
     p = pathlib.Path(path).expanduser().absolute()
     if not p.exists():
-        raise ValueError(f"--config.init_from={path!r} does not exist. {INIT_FROM_HELP}")
+        from cvt_flax import pretrained
+
+        if not pretrained.looks_like_hub_id(path):
+            raise ValueError(f"--config.init_from={path!r} does not exist. {INIT_FROM_HELP}")
+        p = pretrained.resolve_hub(path)  # the converted model directory (PretrainedError says the fix)
 
     def from_step_dir(step_dir: pathlib.Path) -> tuple[dict[str, PyTree], dict[str, Any]]:
         raw = restore_raw(step_dir)
@@ -579,9 +585,15 @@ def export_model(directory: str | os.PathLike, state: TrainState, model_info: Ma
 # ----------------------------------------------------------------------------- where a run starts
 
 
-def run_model_info(config: ml_collections.ConfigDict, spec: Any, num_classes: int) -> dict[str, Any]:
-    """The model description a run stores with its checkpoints and exported model."""
-    return {
+def run_model_info(
+    config: ml_collections.ConfigDict, spec: Any, num_classes: int, dataset_info: Any = None
+) -> dict[str, Any]:
+    """The model description a run stores with its checkpoints and exported model.
+
+    With ``dataset_info`` (`cvt_flax.data.DatasetInfo`) it also holds the class names and the eval preprocessing
+    (`cvt_flax.metadata.run_metadata`), so that the exported model predicts named classes from image files.
+    """
+    info = {
         "variant": config.model,
         "model": config.model,
         "spec": spec.to_dict(),
@@ -590,6 +602,11 @@ def run_model_info(config: ml_collections.ConfigDict, spec: Any, num_classes: in
         "image_size": int(config.image_size),
         "dataset": config.dataset,
     }
+    if dataset_info is not None:
+        from cvt_flax import metadata
+
+        info.update(metadata.run_metadata(config, dataset_info))
+    return info
 
 
 @dataclasses.dataclass

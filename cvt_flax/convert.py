@@ -17,6 +17,10 @@ against the Flax model, transposes the weights and writes a model checkpoint
 
     python -m cvt_flax.convert --input CvT-13-224x224-IN-1k.pth --output /tmp/cvt13
     python -m cvt_flax.convert --input ./cvt-13 --output /tmp/cvt13_hf   # HF directory
+    python -m cvt_flax.convert --input microsoft/cvt-13 --output /tmp/cvt13_hub   # HF hub id (cvt_flax.pretrained)
+
+The model directory also records the class names and the preprocessing the checkpoint expects
+(`cvt_flax.metadata`).
 
 The default activation follows the source: ``quick_gelu`` for official
 checkpoints (the official model's MLP activation) and ``gelu`` for HuggingFace
@@ -35,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from cvt_flax import metadata
 from cvt_flax.models.spec import ACTIVATIONS, CvTSpec
 from cvt_flax.models.weights import (
     detect_source,
@@ -550,11 +555,14 @@ def convert_checkpoint(
     act: str | None = None,
     hf_config: Mapping[str, Any] | str | pathlib.Path | None = None,
     trust_pickle: bool = False,
+    image_size: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads and converts a checkpoint file or directory (see `convert_state_dict`).
 
     ``hf_config`` may be a dict or a path to ``config.json``; by default a
     ``config.json`` beside the weights is used for HuggingFace checkpoints.
+    The info also gets ``class_names``, ``image_size`` and ``preprocessing``
+    (`cvt_flax.metadata.converted_metadata`; ``image_size`` forces the resolution).
     """
     path = pathlib.Path(path)
     state = load_torch_checkpoint(path, trust_pickle=trust_pickle)
@@ -567,6 +575,7 @@ def convert_checkpoint(
         state, source, model, num_classes=num_classes, num_heads=num_heads, hf_config=hf_config, act=act
     )
     info["source_file"] = str(path.resolve())
+    info.update(metadata.converted_metadata(info, path, hf_config=hf_config, image_size=image_size))
     return variables, info
 
 
@@ -611,7 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a PyTorch CvT checkpoint (official microsoft/CvT .pth or HuggingFace "
         "CvtForImageClassification) into a cvt-flax model checkpoint (Orbax + model.json).",
     )
-    parser.add_argument("--input", required=True, help="A .pth/.bin/.safetensors file or a HuggingFace directory.")
+    parser.add_argument(
+        "--input", required=True, help="A .pth/.bin/.safetensors file, a HuggingFace directory or a hub id (org/name)."
+    )
     parser.add_argument("--output", required=True, help="Directory to write (model.json + variables/).")
     parser.add_argument(
         "--model",
@@ -630,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-config", default=None, help="HuggingFace config.json (default: the one beside --input).")
     parser.add_argument("--trust-pickle", action="store_true", help="Allow torch.load(weights_only=False).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output checkpoint.")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="Input resolution (default: from the file name/config, else 224)."
+    )
     return parser
 
 
@@ -645,17 +659,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         print(f"error: {output} already exists and is not empty; pass --overwrite to replace it.", file=sys.stderr)
         return 2
+    from cvt_flax import pretrained
+
+    kwargs = dict(
+        model=args.model,
+        source=args.source,
+        num_classes=args.num_classes,
+        num_heads=args.num_heads,
+        act=args.act,
+        hf_config=args.hf_config,
+        trust_pickle=args.trust_pickle,
+        image_size=args.image_size,
+    )
     try:
-        variables, info = convert_checkpoint(
-            args.input,
-            args.model,
-            source=args.source,
-            num_classes=args.num_classes,
-            num_heads=args.num_heads,
-            act=args.act,
-            hf_config=args.hf_config,
-            trust_pickle=args.trust_pickle,
-        )
+        if not pathlib.Path(args.input).expanduser().exists() and pretrained.looks_like_hub_id(args.input):
+            repo_id, revision = pretrained.split_revision(args.input)
+            snapshot, commit = pretrained.hub_snapshot(repo_id, revision)
+            variables, info = pretrained.convert_hub_snapshot(snapshot, repo_id, commit, revision, **kwargs)
+        else:
+            variables, info = convert_checkpoint(args.input, **kwargs)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

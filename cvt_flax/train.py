@@ -368,7 +368,7 @@ def _train_loop(
 
     actions = _periodic_actions(config, writer, run.total_steps, str(workdir))
     reporter = writers.ProgressReporter(run.total_steps, config.batch_size, start_step)
-    model_info = ckpt_lib.run_model_info(config, model.spec, num_classes)
+    model_info = ckpt_lib.run_model_info(config, model.spec, num_classes, info)
     last_eval: dict[str, float] | None = None
     status = "completed"
     step = start_step

@@ -1,0 +1,252 @@
+"""Run an exported cvt-flax model with jax and numpy only (PIL for image files): no flax, no training code.
+
+`cvt_flax.export` writes a directory::
+
+    DIR/model.jaxexport   # jax.export serialization of  (weights, images [B, H, W, C] float32) -> (logits, probs)
+    DIR/weights.npz       # the weights, in the order the function takes them (w00000, w00001, ...)
+    DIR/metadata.json     # class names, preprocessing, input shape, platforms, source
+    DIR/cvt_serving.py    # a copy of this file, so that DIR alone is enough to serve
+
+and this module runs it::
+
+    from cvt_flax.serving import load_exported      # or: sys.path.insert(0, DIR); from cvt_serving import ...
+    model = load_exported(DIR)
+    logits, probs = model(batch)                    # batch: preprocessed float32 [B, H, W, C], any B
+    model.predict(["cat.jpg", "dog.png"], top_k=5)  # files -> top-k names and probabilities
+
+This file imports nothing from cvt_flax (it is copied next to exported models); keep it that way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+EXPORT_FILE = "model.jaxexport"
+WEIGHTS_FILE = "weights.npz"
+METADATA_FILE = "metadata.json"
+SERVING_FILE = "cvt_serving.py"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def list_images(inputs: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
+    """Expands files and folders (searched recursively, sorted) into image files.
+
+    Raises:
+      FileNotFoundError: for a path that does not exist, or folders without images.
+    """
+    files: list[pathlib.Path] = []
+    for item in inputs:
+        p = pathlib.Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under the folder {p}.")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"No such image file or folder: {p}.")
+    return files
+
+
+def load_image(image: Any) -> Any:
+    """A PIL image from a path, a PIL image or a uint8 array ``[H, W]`` / ``[H, W, C]`` (C 1, 3 or 4)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str | os.PathLike):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                return im
+        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"Cannot read {image} as an image ({type(e).__name__}: {e}).") from e
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"Image arrays must be uint8 [H, W] or [H, W, C] (0-255), got {array.dtype} {array.shape}; "
+            "pass preprocessed float batches to the model itself."
+        )
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray(array)
+
+
+def preprocess(image: Any, preprocessing: Mapping[str, Any]) -> np.ndarray:
+    """One image -> the model's input ``[H, W, C]`` float32, as ``preprocessing`` says (PIL + numpy).
+
+    Args:
+      image: A path, a PIL image or a uint8 array.
+      preprocessing: The ``preprocessing`` dict of ``model.json`` / ``metadata.json`` (``image_size``, ``crop``,
+        ``resize``, ``interpolation``, ``mean``, ``std``, ``channels``).
+
+    Returns:
+      The normalised image.
+    """
+    im = load_image(image)
+    channels = int(preprocessing["channels"])
+    im = im.convert("L" if channels == 1 else "RGB")  # 'L': ITU-R 601-2 luminance
+    size = int(preprocessing["image_size"])
+    resample = _RESAMPLE[str(preprocessing.get("interpolation", "bilinear"))]
+    if preprocessing.get("crop", "none") == "center":
+        scale = int(preprocessing["resize"]) / min(im.size)
+        w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+        if (w, h) != im.size:
+            im = im.resize((w, h), resample)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    elif im.size != (size, size):
+        im = im.resize((size, size), resample)
+    x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
+    if x.ndim == 2:
+        x = x[..., None]
+    mean = np.asarray(preprocessing["mean"], np.float32)
+    std = np.asarray(preprocessing["std"], np.float32)
+    return (x - mean) / std
+
+
+def top_k(probabilities: np.ndarray, k: int, class_names: Sequence[str]) -> list[list[dict[str, Any]]]:
+    """Per row the ``k`` most probable classes: ``[{'index', 'label', 'probability'}, ...]``, best first."""
+    k = max(1, min(int(k), probabilities.shape[-1]))
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return [
+        [{"index": int(i), "label": class_names[int(i)], "probability": float(row[i])} for i in idx]
+        for row, idx in zip(probabilities, order, strict=True)
+    ]
+
+
+def predict_images(
+    probabilities_fn: Callable[[np.ndarray], np.ndarray],
+    images: Sequence[Any],
+    preprocessing: Mapping[str, Any],
+    class_names: Sequence[str],
+    *,
+    top_k_classes: int = 5,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Preprocesses ``images`` in batches, runs ``probabilities_fn`` and returns the top classes per image.
+
+    Every batch has the same size (the last one is padded), so a jitted function compiles once.
+
+    Args:
+      probabilities_fn: ``[B, H, W, C] float32 -> [B, num_classes]`` probabilities.
+      images: Paths, PIL images or uint8 arrays.
+      preprocessing: The model's preprocessing dict.
+      class_names: One name per class.
+      top_k_classes: How many classes to return per image.
+      batch_size: Images per call.
+
+    Returns:
+      One ``{'image': path or index, 'predictions': [{'index', 'label', 'probability'}, ...]}`` per image.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    images = list(images)
+    bs = min(batch_size, max(1, len(images)))
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(images), bs):
+        chunk = images[start : start + bs]
+        batch = np.stack([preprocess(im, preprocessing) for im in chunk])
+        if len(chunk) < bs:
+            batch = np.concatenate([batch, np.zeros((bs - len(chunk), *batch.shape[1:]), batch.dtype)])
+        probs = np.asarray(probabilities_fn(batch), dtype=np.float32)[: len(chunk)]
+        for j, preds in enumerate(top_k(probs, top_k_classes, class_names)):
+            image = chunk[j]
+            name = str(image) if isinstance(image, str | os.PathLike) else start + j
+            results.append({"image": name, "predictions": preds})
+    return results
+
+
+# ----------------------------------------------------------------------------- exported models
+
+
+def _platform() -> str:
+    import jax
+
+    backend = jax.default_backend()
+    if backend == "gpu":  # jax.export names GPU platforms 'cuda' and 'rocm'
+        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+        return "rocm" if "rocm" in version else "cuda"
+    return backend
+
+
+class ExportedModel:
+    """An exported cvt-flax model: call it on preprocessed batches, or `predict` on images.
+
+    Attributes:
+      metadata: The ``metadata.json`` dict.
+      class_names: One name per class.
+      preprocessing: How images become inputs (see `preprocess`).
+      input_shape: ``(H, W, C)``.
+    """
+
+    def __init__(self, exported: Any, weights: list[Any], metadata: Mapping[str, Any]):
+        import jax
+
+        self._exported = exported
+        self._weights = weights
+        self.metadata = dict(metadata)
+        self.class_names = list(metadata["class_names"])
+        self.preprocessing = dict(metadata["preprocessing"])
+        self.input_shape = tuple(metadata["input_shape"])
+        self._fn = jax.jit(exported.call)
+
+    def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Runs the model on a preprocessed float32 batch ``[B, H, W, C]``; returns ``(logits, probabilities)``."""
+        x = np.asarray(images, dtype=np.float32)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"Expected a preprocessed float32 batch [B, {', '.join(map(str, self.input_shape))}], got shape "
+                f"{x.shape}. Use predict() for image files, or preprocess() for single images."
+            )
+        logits, probs = self._fn(self._weights, x)
+        return np.asarray(logits), np.asarray(probs)
+
+    def predict(self, images: Sequence[Any], top_k: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Top-k classes of image files (or PIL images / uint8 arrays); see `predict_images`."""
+        return predict_images(
+            lambda x: self(x)[1], images, self.preprocessing, self.class_names, top_k_classes=top_k,
+            batch_size=batch_size,
+        )  # fmt: skip
+
+
+def load_exported(directory: str | os.PathLike) -> ExportedModel:
+    """Loads a directory written by `cvt_flax.export` (jax + numpy only).
+
+    Raises:
+      FileNotFoundError: when the directory lacks the exported files.
+      RuntimeError: when the model was exported for other platforms than this machine's.
+    """
+    import jax
+    from jax import export as jax_export
+
+    directory = pathlib.Path(directory).expanduser()
+    missing = [f for f in (EXPORT_FILE, WEIGHTS_FILE, METADATA_FILE) if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} is not an exported cvt-flax model (missing {', '.join(missing)}). Export one with "
+            "`python -m cvt_flax.export --model NAME_OR_DIR --output DIR`."
+        )
+    metadata = json.loads((directory / METADATA_FILE).read_text())
+    exported = jax_export.deserialize(bytearray((directory / EXPORT_FILE).read_bytes()))
+    platform = _platform()
+    if platform not in exported.platforms:
+        raise RuntimeError(
+            f"{directory} was exported for {', '.join(exported.platforms)}, but this machine runs JAX on {platform}. "
+            "Export it again for this platform too: `python -m cvt_flax.export ... --platforms "
+            f"{','.join(exported.platforms)},{platform}`."
+        )
+    with np.load(directory / WEIGHTS_FILE) as z:
+        weights = [z[f"w{i:05d}"] for i in range(len(z.files))]
+    return ExportedModel(exported, jax.device_put(weights), metadata)
