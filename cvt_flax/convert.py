@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_flax import metadata
+from cvt_flax import errors, metadata
 from cvt_flax.models.spec import ACTIVATIONS, CvTSpec
 from cvt_flax.models.weights import (
     detect_source,
@@ -654,11 +654,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output = pathlib.Path(args.output)
     if output.exists() and not output.is_dir():
-        print(f"error: --output {output} is a file; give a directory for the converted model.", file=sys.stderr)
-        return 2
+        return errors.report(
+            errors.UserError(f"--output {output} is a file; give a directory for the converted model.")
+        )
     if output.exists() and any(output.iterdir()) and not args.overwrite:
-        print(f"error: {output} already exists and is not empty; pass --overwrite to replace it.", file=sys.stderr)
-        return 2
+        return errors.report(
+            errors.UserError(f"{output} already exists and is not empty; pass --overwrite to replace it.")
+        )
     from cvt_flax import pretrained
 
     kwargs = dict(
@@ -678,9 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             variables, info = pretrained.convert_hub_snapshot(snapshot, repo_id, commit, revision, **kwargs)
         else:
             variables, info = convert_checkpoint(args.input, **kwargs)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - a user error becomes one message; an internal one re-raises
+        return errors.report(e)
     save_model(output, variables, info, overwrite=True)
     n_params = sum(int(np.prod(v.shape)) for v in _leaves(variables["params"]))
     spec = info["spec"]

@@ -7,9 +7,9 @@ log file (or to the terminal with ``--verbose``); anything else is an internal b
 What counts as a user error (`is_user_error`):
 
 * `UserError` (and its subclasses, e.g. `cvt_flax.data.DatasetError`), raised where cvt-flax checks its inputs;
-* a ``ValueError``/``TypeError``/``KeyError``/``FileNotFoundError``/``NotADirectoryError``/``ImportError``
-  raised by a ``raise`` statement of cvt-flax's own code (``cvt_flax/`` or ``configs/``): the project writes those
-  messages for users (they say which ``--config`` field to set);
+* a ``ValueError``, ``TypeError``, ``KeyError``, ``RuntimeError``, ``FileNotFoundError``, ``FileExistsError``,
+  ``NotADirectoryError`` or ``ImportError`` raised by a ``raise`` statement of cvt-flax's own code (``cvt_flax/``
+  or ``configs/``): the project writes those messages for users (they say which ``--config`` field to set);
 * file-system conditions the user must fix, whoever raised them: no space left, permission denied, read-only
   file system, a path that is a file where a folder is needed (`os_error_message` words them).
 """
@@ -26,7 +26,9 @@ from typing import IO
 _HERE = pathlib.Path(__file__).resolve()
 # Files whose `raise` statements speak to users: the package and the checkout's configs.
 _OWN_ROOTS = (str(_HERE.parent) + os.sep, str(_HERE.parents[1] / "configs") + os.sep)
-_OWN_TYPES = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError)
+_OWN_TYPES = (
+    ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
+)  # fmt: skip
 EXIT_USER_ERROR = 2
 
 

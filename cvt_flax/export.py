@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_flax import serving
+from cvt_flax import errors, serving
 from cvt_flax.serving import ExportedModel, load_exported
 
 __all__ = ["ExportedModel", "export_model", "load_exported", "main"]
@@ -180,9 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = export_model(
             args.model, args.output, platforms=platforms, saved_model=args.saved_model, overwrite=args.overwrite
         )
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - a user error becomes one message; an internal one re-raises
+        return errors.report(e)
     meta = json.loads((out / serving.METADATA_FILE).read_text())
     print(
         f"Exported {args.model} -> {out}\n  input float32 [batch, {', '.join(map(str, meta['input_shape']))}], "

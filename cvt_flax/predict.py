@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_flax import serving
+from cvt_flax import errors, serving
 
 
 class Predictor:
@@ -153,14 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
-        print("error: --top-k and --batch-size must be positive.", file=sys.stderr)
-        return 2
+        return errors.report(errors.UserError("--top-k and --batch-size must be positive."))
     try:
         files = serving.list_images(args.images)
         results = predict(args.model, files, top_k=args.top_k, batch_size=args.batch_size)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - a user error becomes one message; an internal one re-raises
+        return errors.report(e)
     if args.json:
         json.dump(results, sys.stdout, indent=1)
         sys.stdout.write("\n")

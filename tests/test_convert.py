@@ -214,7 +214,7 @@ def test_cli_bin_and_official_pth(tiny_hf, tmp_path, capsys):
     state = model.state_dict()
     torch.save(state, tmp_path / "pytorch_model.bin")
     # No config.json: heads are not inferable for an unregistered shape.
-    assert main(["--input", str(tmp_path / "pytorch_model.bin"), "--output", str(tmp_path / "a")]) == 1
+    assert main(["--input", str(tmp_path / "pytorch_model.bin"), "--output", str(tmp_path / "a")]) == 2
     assert "--num-heads" in capsys.readouterr().err
     args = ["--input", str(tmp_path / "pytorch_model.bin"), "--output", str(tmp_path / "a"), "--num-heads", "1,2,3"]
     assert main(args) == 0

@@ -135,10 +135,10 @@ def test_offline_without_a_cached_copy_says_how_to_convert_a_local_file(caches, 
     from PIL import Image
 
     Image.new("RGB", (9, 9)).save(image)
-    assert predict_main(["--model", "microsoft/cvt-21-384", str(image)]) == 1
+    assert predict_main(["--model", "microsoft/cvt-21-384", str(image)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Cannot get 'microsoft/cvt-21-384'") and "Traceback" not in err
-    assert convert.main(["--input", "microsoft/cvt-21-384", "--output", str(tmp_path / "out")]) == 1
+    assert convert.main(["--input", "microsoft/cvt-21-384", "--output", str(tmp_path / "out")]) == 2
     assert "no network access" in capsys.readouterr().err
     with pytest.raises(pretrained.PretrainedError, match="neither an existing file or directory nor"):
         pretrained.from_pretrained(str(tmp_path / "missing.pth"))
@@ -377,4 +377,4 @@ def test_saved_model_matches_the_export(digits_run, tmp_path):
     logits, probs = load_exported(out)(x)
     np.testing.assert_allclose(served["logits"].numpy(), logits, atol=1e-5)
     np.testing.assert_allclose(served["probabilities"].numpy(), probs, atol=1e-6)
-    assert export_main(["--model", str(workdir), "--output", str(out)]) == 1  # not empty, no --overwrite
+    assert export_main(["--model", str(workdir), "--output", str(out)]) == 2  # not empty, no --overwrite
