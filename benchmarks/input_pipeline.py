@@ -104,9 +104,10 @@ class _ArrayReader:
 
 def _augment_fn(config: Any, mean: Any, std: Any, decode: bool, channels: int = 3) -> Any:
     """The project's train augmentation map function ``(position, example) -> example``."""
-    from cvt_flax.data import tfdata
+    from cvt_flax.data import policy, tfdata
 
-    return tfdata._train_augment_fn(config, mean, std, 12345, _ArrayReader(channels), decode)
+    settings = policy.TrainAugSettings.from_config(config, mean=mean, std=std)
+    return tfdata._train_augment_fn(settings, 12345, _ArrayReader(channels), decode)
 
 
 def synthetic_jpegs(n: int = 64, height: int = 375, width: int = 500, quality: int = 90, seed: int = 0) -> list[bytes]:

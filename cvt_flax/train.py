@@ -390,6 +390,7 @@ def _train_loop(
             ckpts.save(step, state, meta(step), {"accuracy": eval_metrics["accuracy"]} if eval_metrics else None)
 
     train_iter = data.create_train_iterator(config, mesh, seed=config.seed, start_step=start_step)
+    eval_iter = data.create_eval_iterator(config, mesh)  # built once, one pass per evaluation
     if start_step >= run.total_steps:
         logging.info("The checkpoint is at step %d, the end of the run: nothing to train.", start_step)
     train_metrics = None
@@ -436,7 +437,7 @@ def _train_loop(
         eval_metrics = None
         if step % run.eval_every_steps == 0 or is_last:
             with reporter.timed("eval"):
-                eval_metrics = tu.evaluate(eval_fn, state.eval_variables(), data.create_eval_iterator(config, mesh))
+                eval_metrics = tu.evaluate(eval_fn, state.eval_variables(), eval_iter)
             last_eval = {"step": step, **eval_metrics}
             if eval_metrics["accuracy"] > best["accuracy"]:
                 best = {"accuracy": eval_metrics["accuracy"], "step": step}

@@ -99,6 +99,18 @@ def test_benchmarked_step_is_the_training_step(shared_dir, tmp_path):
     assert max(diffs) > 1e-4
 
 
+def test_input_pipeline_host_throughput(shared_dir):
+    """benchmarks/input_pipeline.py times the real tf.data train pipeline (replaces tfdata.images_per_second)."""
+    pytest.importorskip("tensorflow")
+    from benchmarks import input_pipeline
+
+    config = input_pipeline.base_config(str(shared_dir / "tfds"))
+    config.train_split = "train[:64]"
+    config.aug.randaugment_layers = 0
+    r = input_pipeline.bench_cifar_fmnist(config, batch=16, batches=3, warmup=1, threads=1)
+    assert r["images_per_s"] > 0 and r["timed_s"] > 0
+
+
 def test_torch_reference_does_the_recipe_work():
     """Same schedule values as optax, the same decay groups, and mixup that keeps targets distributions."""
     torch = pytest.importorskip("torch")

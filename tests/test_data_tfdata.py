@@ -203,8 +203,3 @@ def test_mocked_cifar(mesh, tmp_path, name, classes):
 def test_batch_size_must_divide(mesh, fmnist):
     with pytest.raises(ValueError, match="batch_size=12"):
         data.create_train_iterator(make_config(**fmnist, batch_size=12), mesh)
-
-
-def test_images_per_second(fmnist):
-    cfg = plain(**fmnist, train_split="train[:64]", image_size=28)
-    assert tfdata.images_per_second(cfg, num_batches=3, warmup=1) > 0

@@ -1,43 +1,46 @@
-"""JAX image augmentation for the device pipeline (no TensorFlow).
+"""JAX image augmentation kernels for the device pipeline (no TensorFlow).
 
 Per-image functions take a PRNG key and a float32 ``[H, W, C]`` image with values in [0, 255] (C = 1 or 3)
-and are meant to be ``jax.vmap``-ed over a batch inside ``jax.jit``. They mirror
-:mod:`cvt_flax.data.augment_tf` (same op set, magnitudes and RandAugment policy), not its random streams.
+and are meant to be ``jax.vmap``-ed over a batch inside ``jax.jit``. The policy (step order, op set, magnitudes,
+ranges) lives in :mod:`cvt_flax.data.policy`, shared with the TensorFlow kernels of
+:mod:`cvt_flax.data.augment_tf`; the random streams are JAX's own. `KERNELS` hands these kernels to
+`cvt_flax.data.policy.apply_train_policy`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-FILL_VALUE = 128.0
-RANDAUGMENT_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
+from cvt_flax.data import policy
+from cvt_flax.data.policy import (
+    CROP_ATTEMPTS,
+    CROP_MAX_SCALE,
+    CROP_RATIO,
+    ERASING_ATTEMPTS,
+    ERASING_RATIO,
+    ERASING_SCALE,
+    FILL_VALUE,
+    GEOMETRIC_OPS,
+    LUMA,
+    MAX_ENHANCE,
+    MAX_MAGNITUDE,
+    MAX_POSTERIZE_SHIFT,
+    MAX_ROTATE_DEG,
+    MAX_SHEAR,
+    MAX_SOLARIZE_ADD,
+    MAX_TRANSLATE,
+    RANDAUGMENT_MAGNITUDE_STD,
+    RANDAUGMENT_OPS,
+    RANDAUGMENT_PROB,
+    SHARPNESS_KERNEL,
+    SHARPNESS_KERNEL_SUM,
+    SOLARIZE_ADD_THRESHOLD,
+    SOLARIZE_MAX_THRESHOLD,
 )
-RANDAUGMENT_PROB = 0.5
-RANDAUGMENT_MAGNITUDE_STD = 0.5
-_MAX_ROTATE_DEG = 30.0
-_MAX_SHEAR = 0.3
-_MAX_TRANSLATE = 0.45
-_MAX_ENHANCE = 0.9
-_MAX_SOLARIZE_ADD = 110.0
-_LUMA = (0.2989, 0.5870, 0.1140)
 
 
 def convert_channels(x: jax.Array, channels: int) -> jax.Array:
@@ -48,7 +51,7 @@ def convert_channels(x: jax.Array, channels: int) -> jax.Array:
     if channels == 3 and c == 1:
         return jnp.repeat(x, 3, axis=-1)
     if channels == 1 and c == 3:
-        return jnp.round(jnp.sum(x * jnp.asarray(_LUMA, x.dtype), axis=-1, keepdims=True))
+        return jnp.round(jnp.sum(x * jnp.asarray(LUMA, x.dtype), axis=-1, keepdims=True))
     raise ValueError(f"Cannot convert {c}-channel images to {channels} channels; set config.num_channels to 0, 1 or 3.")
 
 
@@ -76,9 +79,9 @@ def random_resized_crop(
     key: jax.Array,
     x: jax.Array,
     size: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    attempts: int = 10,
+    scale: tuple[float, float] = (0.08, CROP_MAX_SCALE),
+    ratio: tuple[float, float] = CROP_RATIO,
+    attempts: int = CROP_ATTEMPTS,
 ) -> jax.Array:
     """Random resized crop (torchvision): the first of ``attempts`` boxes that fits (else all), resized."""
     h, w, c = x.shape
@@ -117,7 +120,7 @@ def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
 
 def _gray(x: jax.Array) -> jax.Array:
     if x.shape[-1] == 3:
-        return jnp.sum(x * jnp.asarray(_LUMA, x.dtype), axis=-1, keepdims=True)
+        return jnp.sum(x * jnp.asarray(LUMA, x.dtype), axis=-1, keepdims=True)
     return x[..., :1]
 
 
@@ -155,7 +158,7 @@ def _posterize(x: jax.Array, bits: jax.Array) -> jax.Array:
 
 def _sharpness(x: jax.Array, factor: jax.Array) -> jax.Array:
     h, w, _ = x.shape
-    k = jnp.asarray([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    k = jnp.asarray(SHARPNESS_KERNEL) / SHARPNESS_KERNEL_SUM
     p = jnp.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
     smooth = sum(k[i, j] * p[i : i + h, j : j + w] for i in range(3) for j in range(3))
     smooth = jnp.round(jnp.clip(smooth, 0.0, 255.0))
@@ -191,34 +194,31 @@ def _mat(a: jax.Array, b: jax.Array, c: jax.Array, d: jax.Array, tx: jax.Array, 
     return jnp.stack([jnp.stack([a, b, tx]), jnp.stack([c, d, ty]), jnp.stack([z, z, o])])
 
 
-_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
-
-
 def _geometric_matrix(x: jax.Array, name: str, magnitude: jax.Array, sign: jax.Array) -> jax.Array:
     """Output->input 3x3 matrix of a geometric RandAugment op."""
-    m = jnp.asarray(magnitude, jnp.float32) / 10.0
+    m = jnp.asarray(magnitude, jnp.float32) / MAX_MAGNITUDE
     sign = jnp.asarray(sign, jnp.float32)
     z, o = jnp.float32(0.0), jnp.float32(1.0)
     if name == "Rotate":
-        t = sign * m * _MAX_ROTATE_DEG * math.pi / 180.0
+        t = sign * m * MAX_ROTATE_DEG * math.pi / 180.0
         return _centered(x, _mat(jnp.cos(t), -jnp.sin(t), jnp.sin(t), jnp.cos(t), z, z))
     if name == "ShearX":
-        return _centered(x, _mat(o, sign * m * _MAX_SHEAR, z, o, z, z))
+        return _centered(x, _mat(o, sign * m * MAX_SHEAR, z, o, z, z))
     if name == "ShearY":
-        return _centered(x, _mat(o, z, sign * m * _MAX_SHEAR, o, z, z))
+        return _centered(x, _mat(o, z, sign * m * MAX_SHEAR, o, z, z))
     if name == "TranslateX":
-        return _mat(o, z, z, o, sign * m * _MAX_TRANSLATE * x.shape[1], z)
+        return _mat(o, z, z, o, sign * m * MAX_TRANSLATE * x.shape[1], z)
     if name == "TranslateY":
-        return _mat(o, z, z, o, z, sign * m * _MAX_TRANSLATE * x.shape[0])
-    raise ValueError(f"{name!r} is not a geometric op; those are {_GEOMETRIC}.")
+        return _mat(o, z, z, o, z, sign * m * MAX_TRANSLATE * x.shape[0])
+    raise ValueError(f"{name!r} is not a geometric op; those are {GEOMETRIC_OPS}.")
 
 
 def apply_randaugment_op(x: jax.Array, op: int | str, magnitude: jax.Array, sign: jax.Array | float = 1.0) -> jax.Array:
     """Applies one RandAugment op (see `RANDAUGMENT_OPS`) to a float [H, W, C] image in [0, 255]."""
     name = RANDAUGMENT_OPS[op] if isinstance(op, int) else op
-    if name in _GEOMETRIC:
+    if name in GEOMETRIC_OPS:
         return _affine(x, _geometric_matrix(x, name, magnitude, sign))
-    m = jnp.asarray(magnitude, jnp.float32) / 10.0
+    m = jnp.asarray(magnitude, jnp.float32) / MAX_MAGNITUDE
     sign = jnp.asarray(sign, jnp.float32)
     if name == "AutoContrast":
         return _autocontrast(x)
@@ -227,13 +227,13 @@ def apply_randaugment_op(x: jax.Array, op: int | str, magnitude: jax.Array, sign
     if name == "Invert":
         return 255.0 - x
     if name == "Posterize":
-        return _posterize(x, 8 - (m * 4.0).astype(jnp.int32))
+        return _posterize(x, 8 - (m * MAX_POSTERIZE_SHIFT).astype(jnp.int32))
     if name == "Solarize":
-        return jnp.where(x >= 256.0 - m * 256.0, 255.0 - x, x)
+        return jnp.where(x >= SOLARIZE_MAX_THRESHOLD - m * SOLARIZE_MAX_THRESHOLD, 255.0 - x, x)
     if name == "SolarizeAdd":
-        return jnp.where(x < 128.0, jnp.minimum(x + m * _MAX_SOLARIZE_ADD, 255.0), x)
+        return jnp.where(x < SOLARIZE_ADD_THRESHOLD, jnp.minimum(x + m * MAX_SOLARIZE_ADD, 255.0), x)
     if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        factor = 1.0 + sign * m * _MAX_ENHANCE
+        factor = 1.0 + sign * m * MAX_ENHANCE
         if name == "Color":
             return _blend(jnp.broadcast_to(_gray(x), x.shape), x, factor)
         if name == "Contrast":
@@ -261,14 +261,14 @@ def randaugment(
     if num_layers <= 0:
         return x
     n = len(RANDAUGMENT_OPS)
-    geometric = [i for i, name in enumerate(RANDAUGMENT_OPS) if name in _GEOMETRIC]
+    geometric = [i for i, name in enumerate(RANDAUGMENT_OPS) if name in GEOMETRIC_OPS]
     others = [i for i in range(n) if i not in geometric]
 
     def layer(y: jax.Array, k: jax.Array) -> tuple[jax.Array, None]:
         k_op, k_apply, k_mag, k_sign = jax.random.split(k, 4)
         idx = jax.random.randint(k_op, (), 0, n)
         idx = jnp.where(jax.random.uniform(k_apply) < prob, idx, n)  # n: identity
-        mag = jnp.clip(magnitude + magnitude_std * jax.random.normal(k_mag), 0.0, 10.0)
+        mag = jnp.clip(magnitude + magnitude_std * jax.random.normal(k_mag), 0.0, MAX_MAGNITUDE)
         sign = jnp.where(jax.random.bernoulli(k_sign), -1.0, 1.0)
         # Geometric ops share one warp (their matrices are selected); under vmap a switch computes every
         # branch, so this keeps the per-image work and the compiled program small.
@@ -291,7 +291,7 @@ def color_jitter(key: jax.Array, x: jax.Array, strength: float) -> jax.Array:
     if strength <= 0:
         return x
     kb, kc, ks = jax.random.split(key, 3)
-    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    lo, hi = policy.jitter_range(strength)
     x = _blend(jnp.zeros_like(x), x, jax.random.uniform(kb, minval=lo, maxval=hi))
     x = _blend(jnp.mean(_gray(x)), x, jax.random.uniform(kc, minval=lo, maxval=hi))
     if x.shape[-1] == 3:
@@ -309,9 +309,9 @@ def random_erasing(
     x: jax.Array,
     prob: float,
     *,
-    scale: tuple[float, float] = (0.02, 1 / 3),
-    ratio: tuple[float, float] = (0.3, 3.3),
-    attempts: int = 10,
+    scale: tuple[float, float] = ERASING_SCALE,
+    ratio: tuple[float, float] = ERASING_RATIO,
+    attempts: int = ERASING_ATTEMPTS,
 ) -> jax.Array:
     """Random erasing as timm's RandomErasing (pixel mode, one box) on a NORMALISED image, with probability ``prob``."""
     if prob <= 0:
@@ -332,3 +332,63 @@ def random_erasing(
     box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
     box = box & jnp.any(ok) & (jax.random.uniform(kp) < prob)
     return jnp.where(box[:, :, None], jax.random.normal(kf, x.shape, x.dtype), x)
+
+
+class _Kernels:
+    """`cvt_flax.data.policy.Kernels` over this module's functions (already key-first)."""
+
+    @staticmethod
+    def split(rng: jax.Array, num: int) -> jax.Array:
+        return jax.random.split(rng, num)
+
+    @staticmethod
+    def pad_crop(rng: jax.Array, image: jax.Array, size: int, padding: int) -> jax.Array:
+        return pad_crop(rng, image, size, padding)
+
+    @staticmethod
+    def random_resized_crop(
+        rng: jax.Array,
+        image: jax.Array,
+        size: int,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        attempts: int,
+    ) -> jax.Array:
+        return random_resized_crop(rng, image, size, scale=scale, ratio=ratio, attempts=attempts)
+
+    @staticmethod
+    def resize(image: jax.Array, size: int) -> jax.Array:
+        return resize(image, size)
+
+    @staticmethod
+    def random_flip(rng: jax.Array, image: jax.Array) -> jax.Array:
+        return random_flip(rng, image)
+
+    @staticmethod
+    def randaugment(
+        rng: jax.Array, image: jax.Array, num_layers: int, magnitude: float, prob: float, magnitude_std: float
+    ) -> jax.Array:
+        return randaugment(rng, image, num_layers, magnitude, prob=prob, magnitude_std=magnitude_std)
+
+    @staticmethod
+    def color_jitter(rng: jax.Array, image: jax.Array, strength: float) -> jax.Array:
+        return color_jitter(rng, image, strength)
+
+    @staticmethod
+    def normalize(image: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+        return normalize(image, mean, std)
+
+    @staticmethod
+    def random_erasing(
+        rng: jax.Array,
+        image: jax.Array,
+        prob: float,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        attempts: int,
+    ) -> jax.Array:
+        return random_erasing(rng, image, prob, scale=scale, ratio=ratio, attempts=attempts)
+
+
+# The kernels `cvt_flax.data.policy.apply_train_policy` runs on the device (looked up at trace time).
+KERNELS: Any = _Kernels()

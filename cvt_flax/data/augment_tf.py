@@ -1,4 +1,4 @@
-"""TensorFlow image augmentation with stateless randomness (for tf.data).
+"""TensorFlow image augmentation kernels with stateless randomness (for tf.data).
 
 Every random op takes a ``seed``: an int32/int64 tensor of shape [2] (see
 `tf.random.experimental.stateless_split`), so an example's augmentation is a
@@ -6,45 +6,44 @@ pure function of its seed. That is what makes the tf.data pipeline
 resume-exact. Ops take uint8 ``[H, W, C]`` images of any size with ``C`` 1 or
 3 (unless stated otherwise) and work eagerly and inside ``Dataset.map``.
 
-RandAugment follows timm's ``rand-m{M}-mstd0.5-inc1`` (the CvT recipe): per
-layer one of 15 ops is drawn uniformly and applied with probability 0.5, with
-magnitude ``M`` (0-10) plus Gaussian noise of std 0.5; signed ops get a random
-sign; Posterize and Solarize grow stronger with the magnitude ("increasing").
+The policy (step order, RandAugment's op set and magnitudes, crop and erasing
+ranges) lives in :mod:`cvt_flax.data.policy`, shared with the JAX kernels of
+:mod:`cvt_flax.data.augment_jax`; `KERNELS` hands these kernels to
+`cvt_flax.data.policy.apply_train_policy`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import tensorflow as tf
 
-# Grey fill of the geometric ops (timm's img_mean fill (124, 116, 104) rounded to one value for any channel count).
-FILL_VALUE = 128.0
-RANDAUGMENT_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
+from cvt_flax.data import policy
+from cvt_flax.data.policy import (
+    CROP_ATTEMPTS,
+    CROP_MAX_SCALE,
+    CROP_RATIO,
+    ERASING_ATTEMPTS,
+    ERASING_RATIO,
+    ERASING_SCALE,
+    FILL_VALUE,
+    LUMA,
+    MAX_ENHANCE,
+    MAX_MAGNITUDE,
+    MAX_POSTERIZE_SHIFT,
+    MAX_ROTATE_DEG,
+    MAX_SHEAR,
+    MAX_SOLARIZE_ADD,
+    MAX_TRANSLATE,
+    RANDAUGMENT_MAGNITUDE_STD,
+    RANDAUGMENT_OPS,
+    RANDAUGMENT_PROB,
+    SHARPNESS_KERNEL,
+    SHARPNESS_KERNEL_SUM,
+    SOLARIZE_ADD_THRESHOLD,
+    SOLARIZE_MAX_THRESHOLD,
 )
-RANDAUGMENT_PROB = 0.5
-RANDAUGMENT_MAGNITUDE_STD = 0.5
-_MAX_ROTATE_DEG = 30.0
-_MAX_SHEAR = 0.3
-_MAX_TRANSLATE = 0.45  # fraction of the image side
-_MAX_ENHANCE = 0.9
-_MAX_SOLARIZE_ADD = 110.0
-_LUMA = (0.2989, 0.5870, 0.1140)
 
 
 def _seeds(seed: tf.Tensor, n: int) -> tf.Tensor:
@@ -112,8 +111,9 @@ def random_resized_crop(
     image: tf.Tensor,
     seed: tf.Tensor,
     size: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    scale: tuple[float, float] = (0.08, CROP_MAX_SCALE),
+    ratio: tuple[float, float] = CROP_RATIO,
+    attempts: int = CROP_ATTEMPTS,
 ) -> tf.Tensor:
     """Inception-style crop: a random box of area fraction in ``scale`` and aspect in ``ratio``, resized to ``size``."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -123,7 +123,7 @@ def random_resized_crop(
         min_object_covered=0.0,
         aspect_ratio_range=ratio,
         area_range=scale,
-        max_attempts=10,
+        max_attempts=attempts,
         use_image_if_no_bounding_boxes=True,
     )
     crop = tf.slice(image, begin, crop_size)
@@ -141,7 +141,7 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 def _gray(x: tf.Tensor) -> tf.Tensor:
     """Luminance [H, W, 1] of a float image (the image itself when it has one channel)."""
     if x.shape[-1] == 3:
-        return tf.reduce_sum(x * tf.constant(_LUMA, x.dtype), axis=-1, keepdims=True)
+        return tf.reduce_sum(x * tf.constant(LUMA, x.dtype), axis=-1, keepdims=True)
     return x[..., :1]
 
 
@@ -187,7 +187,7 @@ def _posterize(x: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
 def _sharpness(x: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     """PIL ImageEnhance.Sharpness: blend with a 3x3 smoothed image (borders kept)."""
     c = x.shape[-1]
-    k = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    k = tf.constant(SHARPNESS_KERNEL) / SHARPNESS_KERNEL_SUM
     k = tf.tile(k[:, :, None, None], [1, 1, c, 1])
     smooth = tf.nn.depthwise_conv2d(x[None], k, [1, 1, 1, 1], padding="VALID")[0]
     smooth = tf.round(tf.clip_by_value(smooth, 0.0, 255.0))
@@ -260,7 +260,7 @@ def apply_randaugment_op(x: tf.Tensor, op: int | str, magnitude: tf.Tensor, sign
       The float32 image, values in [0, 255].
     """
     name = RANDAUGMENT_OPS[op] if isinstance(op, int) else op
-    m = tf.cast(magnitude, tf.float32) / 10.0
+    m = tf.cast(magnitude, tf.float32) / MAX_MAGNITUDE
     sign = tf.cast(sign, tf.float32)
     if name == "AutoContrast":
         return _autocontrast(x)
@@ -269,16 +269,16 @@ def apply_randaugment_op(x: tf.Tensor, op: int | str, magnitude: tf.Tensor, sign
     if name == "Invert":
         return 255.0 - x
     if name == "Rotate":
-        return _rotate(x, sign * m * _MAX_ROTATE_DEG)
+        return _rotate(x, sign * m * MAX_ROTATE_DEG)
     if name == "Posterize":
-        return _posterize(x, 8 - tf.cast(m * 4.0, tf.int32))
+        return _posterize(x, 8 - tf.cast(m * MAX_POSTERIZE_SHIFT, tf.int32))
     if name == "Solarize":
-        threshold = 256.0 - m * 256.0
+        threshold = SOLARIZE_MAX_THRESHOLD - m * SOLARIZE_MAX_THRESHOLD
         return tf.where(x >= threshold, 255.0 - x, x)
     if name == "SolarizeAdd":
-        return tf.where(x < 128.0, tf.minimum(x + m * _MAX_SOLARIZE_ADD, 255.0), x)
+        return tf.where(x < SOLARIZE_ADD_THRESHOLD, tf.minimum(x + m * MAX_SOLARIZE_ADD, 255.0), x)
     if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        factor = 1.0 + sign * m * _MAX_ENHANCE
+        factor = 1.0 + sign * m * MAX_ENHANCE
         if name == "Color":
             return _blend(tf.broadcast_to(_gray(x), tf.shape(x)), x, factor)
         if name == "Contrast":
@@ -287,9 +287,9 @@ def apply_randaugment_op(x: tf.Tensor, op: int | str, magnitude: tf.Tensor, sign
             return _blend(tf.zeros_like(x), x, factor)
         return _sharpness(x, factor)
     if name in ("ShearX", "ShearY"):
-        return _shear(x, sign * m * _MAX_SHEAR, 0 if name == "ShearX" else 1)
+        return _shear(x, sign * m * MAX_SHEAR, 0 if name == "ShearX" else 1)
     if name in ("TranslateX", "TranslateY"):
-        return _translate(x, sign * m * _MAX_TRANSLATE, 0 if name == "TranslateX" else 1)
+        return _translate(x, sign * m * MAX_TRANSLATE, 0 if name == "TranslateX" else 1)
     raise ValueError(f"Unknown RandAugment op {name!r}; known: {RANDAUGMENT_OPS}.")
 
 
@@ -325,7 +325,7 @@ def randaugment(
         mag = float(magnitude)
         if magnitude_std > 0:
             mag = mag + magnitude_std * tf.random.stateless_normal([], s_mag)
-        mag = tf.clip_by_value(tf.cast(mag, tf.float32), 0.0, 10.0)
+        mag = tf.clip_by_value(tf.cast(mag, tf.float32), 0.0, MAX_MAGNITUDE)
         sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
         # The last branch is the identity: taken when the drawn op is not applied.
         idx = tf.where(tf.random.stateless_uniform([], s_apply) < prob, idx, len(RANDAUGMENT_OPS))
@@ -346,7 +346,7 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tenso
     if strength <= 0:
         return image
     s_b, s_c, s_s = (_seeds(seed, 3)[i] for i in range(3))
-    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    lo, hi = policy.jitter_range(strength)
     x = tf.cast(image, tf.float32)
     x = _blend(tf.zeros_like(x), x, tf.random.stateless_uniform([], s_b, lo, hi))
     x = _blend(tf.reduce_mean(_gray(x)), x, tf.random.stateless_uniform([], s_c, lo, hi))
@@ -366,9 +366,9 @@ def random_erasing(
     seed: tf.Tensor,
     prob: float,
     *,
-    scale: tuple[float, float] = (0.02, 1 / 3),
-    ratio: tuple[float, float] = (0.3, 3.3),
-    attempts: int = 10,
+    scale: tuple[float, float] = ERASING_SCALE,
+    ratio: tuple[float, float] = ERASING_RATIO,
+    attempts: int = ERASING_ATTEMPTS,
 ) -> tf.Tensor:
     """Random erasing (timm, ``mode='pixel'``, one box) of a NORMALISED float image, with probability ``prob``.
 
@@ -399,3 +399,63 @@ def random_erasing(
     box = box & apply
     noise = tf.random.stateless_normal(shape, s_fill, dtype=image.dtype)
     return tf.where(box[:, :, None], noise, image)
+
+
+class _Kernels:
+    """`cvt_flax.data.policy.Kernels` over this module's functions (which take the image first, then the seed)."""
+
+    @staticmethod
+    def split(rng: tf.Tensor, num: int) -> tf.Tensor:
+        return _seeds(rng, num)
+
+    @staticmethod
+    def pad_crop(rng: tf.Tensor, image: tf.Tensor, size: int, padding: int) -> tf.Tensor:
+        return pad_crop(image, rng, size, padding)
+
+    @staticmethod
+    def random_resized_crop(
+        rng: tf.Tensor,
+        image: tf.Tensor,
+        size: int,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        attempts: int,
+    ) -> tf.Tensor:
+        return random_resized_crop(image, rng, size, scale=scale, ratio=ratio, attempts=attempts)
+
+    @staticmethod
+    def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+        return tf.ensure_shape(resize(image, size), [size, size, image.shape[-1]])
+
+    @staticmethod
+    def random_flip(rng: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
+        return random_flip(image, rng)
+
+    @staticmethod
+    def randaugment(
+        rng: tf.Tensor, image: tf.Tensor, num_layers: int, magnitude: float, prob: float, magnitude_std: float
+    ) -> tf.Tensor:
+        return randaugment(image, rng, num_layers, magnitude, prob=prob, magnitude_std=magnitude_std)
+
+    @staticmethod
+    def color_jitter(rng: tf.Tensor, image: tf.Tensor, strength: float) -> tf.Tensor:
+        return color_jitter(image, rng, strength)
+
+    @staticmethod
+    def normalize(image: tf.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tf.Tensor:
+        return normalize(image, mean, std)
+
+    @staticmethod
+    def random_erasing(
+        rng: tf.Tensor,
+        image: tf.Tensor,
+        prob: float,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        attempts: int,
+    ) -> tf.Tensor:
+        return random_erasing(image, rng, prob, scale=scale, ratio=ratio, attempts=attempts)
+
+
+# The kernels `cvt_flax.data.policy.apply_train_policy` runs in tf.data (looked up when the map function is traced).
+KERNELS: Any = _Kernels()

@@ -4,8 +4,9 @@ The split is read once through ``tfds.data_source`` (ArrayRecord; decoded with P
 the image files with PIL, and kept as uint8 arrays replicated on every device of the mesh (small datasets:
 CIFAR-100's train set is 150 MB). Each train batch is then produced on the devices by one jitted function of
 the step: a per-epoch permutation (``fold_in(seed, epoch)``) picks the examples and per-example keys
-``fold_in(fold_in(seed, epoch), index)`` drive the augmentation (pad-crop / random-resized-crop, flip,
-RandAugment, colour jitter, random erasing), so batch k is a pure function of (config, seed, k).
+``fold_in(fold_in(seed, epoch), index)`` drive the augmentation (the train policy of
+:mod:`cvt_flax.data.policy` with the JAX kernels of :mod:`cvt_flax.data.augment_jax`), so batch k is a pure
+function of (config, seed, k).
 
 Images of a fixed stored size are kept as they are (resized on the device when ``image_size`` differs);
 images of varying sizes are resized to ``image_size`` on loading (eval ones with the eval crop).
@@ -15,6 +16,7 @@ Every process holds the whole split (the arrays are global replicated arrays).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import io
 import math
 import os
@@ -29,9 +31,8 @@ from jax.sharding import Mesh
 from cvt_flax import sharding as sharding_lib
 from cvt_flax.data import augment_jax as aug
 from cvt_flax.data import info as info_lib
+from cvt_flax.data import policy
 
-_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-_CACHE_MAX = 4
 _CHUNK = 1024
 
 
@@ -80,9 +81,6 @@ def load_arrays(
     Returns:
       (images, labels).
     """
-    key = (source.name, source.data_dir, tuple(ranges), geometry)
-    if key in _CACHE:
-        return _CACHE[key]
     channels = source.image_shape[2]
     jobs = []
     if source.is_image_folder:
@@ -124,11 +122,7 @@ def load_arrays(
             f"Images of {source.name!r} have different sizes {sorted(shapes)[:4]}...; the device pipeline needs one "
             "size (this is a bug: varying sizes should be resized on loading)."
         )
-    out = (np.stack(images), np.asarray(labels, np.int32))
-    if len(_CACHE) >= _CACHE_MAX:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = out
-    return out
+    return np.stack(images), np.asarray(labels, np.int32)
 
 
 def _setup(config: Any, mesh: Mesh, batch_size: int, what: str):
@@ -140,83 +134,71 @@ def _setup(config: Any, mesh: Mesh, batch_size: int, what: str):
     return source, channels, mean, std, local_batch, fixed
 
 
-def _augment_fn(config: Any, channels: int, mean, std):
-    """Per-example augmentation: (key, uint8-valued float [H, W, C_stored]) -> normalised f32 [S, S, C]."""
-    size, crop, padding, min_scale, hflip, ra_layers, ra_mag, jitter, erasing = info_lib.train_aug_settings(config)
-
-    def fn(key: jax.Array, x: jax.Array) -> jax.Array:
-        x = aug.convert_channels(x, channels)
-        k = jax.random.split(key, 6)
-        if crop == "pad_crop":
-            x = aug.pad_crop(k[0], x, size, padding)
-        elif crop == "random_resized_crop":
-            x = aug.random_resized_crop(k[0], x, size, scale=(min_scale, 1.0))
-        else:
-            x = aug.resize(x, size)
-        if hflip:
-            x = aug.random_flip(k[1], x)
-        if ra_layers > 0:
-            x = aug.randaugment(k[2], x, ra_layers, ra_mag)
-        x = aug.color_jitter(k[3], x, jitter)
-        x = aug.normalize(x, mean, std)
-        return aug.random_erasing(k[4], x, erasing)
-
-    return fn
+def _augment(settings: policy.TrainAugSettings, channels: int, key: jax.Array, x: jax.Array) -> jax.Array:
+    """One train example: (key, uint8-valued float [H, W, C_stored]) -> normalised f32 [S, S, channels]."""
+    x = aug.convert_channels(x, channels)
+    return policy.apply_train_policy(settings, aug.KERNELS, x, key)
 
 
-_FN_CACHE: dict[tuple, Any] = {}
+def train_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    seed: jax.Array,
+    epoch0: jax.Array,
+    offset: jax.Array,
+    *,
+    settings: policy.TrainAugSettings,
+    channels: int,
+    batch: int,
+    shuffle: bool,
+    sharding: jax.sharding.NamedSharding,
+) -> dict[str, jax.Array]:
+    """Train batch of stream positions ``offset .. offset + batch - 1`` counted from the start of epoch ``epoch0``.
 
+    ``epoch0, offset = divmod(step * batch, num_examples)``; the batch may run into later epochs.
 
-def _config_key(config: Any) -> tuple:
-    aug_cfg = config.aug.to_dict() if hasattr(config.aug, "to_dict") else dict(config.aug)
-    return (
-        tuple(sorted((k, repr(v)) for k, v in aug_cfg.items())),
-        int(config.image_size),
-        int(config.batch_size),
-        int(config.input.get("shuffle_buffer", 1) or 0) > 1,
-    )
+    Args:
+      images: The whole split, uint8 [N, H, W, C_stored] (replicated).
+      labels: int32 [N].
+      seed: uint32 seed of order and augmentation.
+      epoch0: Epoch of the first position.
+      offset: First position within ``epoch0``.
+      settings: Train augmentation settings.
+      channels: Channels the model receives.
+      batch: Global batch size.
+      shuffle: A fresh permutation per epoch (else the stored order).
+      sharding: Sharding of the batch ('data' axis).
 
-
-def make_train_batch_fn(config: Any, mesh: Mesh, num_examples: int, channels: int, mean, std):
-    """The jitted ``(images, labels, seed, epoch0, offset) -> batch`` of the device pipeline (cached).
-
-    ``epoch0, offset = divmod(step * batch_size, num_examples)``: the batch holds stream positions
-    ``offset .. offset + B - 1`` counted from the start of epoch ``epoch0`` (it may run into later epochs).
+    Returns:
+      {'image': f32 [batch, S, S, channels], 'label': int32 [batch]}, sharded by ``sharding``.
     """
-    key = (_config_key(config), mesh, int(num_examples), channels, tuple(mean), tuple(std))
-    if key in _FN_CACHE:
-        return _FN_CACHE[key]
-    batch = int(config.batch_size)
-    n = int(num_examples)
+    n = images.shape[0]
     num_perms = batch // n + 2
-    shuffle = int(config.input.get("shuffle_buffer", 1) or 0) > 1
-    augment = _augment_fn(config, channels, mean, std)
-    out_sharding = sharding_lib.data_sharding(mesh)
+    base = jax.random.key(seed)
+    order_key = jax.random.fold_in(base, 1)
+    aug_key = jax.random.fold_in(base, 2)
+    pos = offset + jnp.arange(batch, dtype=jnp.int32)
+    rel, index = pos // n, pos % n
+    if shuffle:
+        epochs = epoch0 + jnp.arange(num_perms, dtype=jnp.int32)
+        perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), n))(epochs)
+        idx = perms[rel, index]
+    else:
+        idx = index
+    idx = jax.lax.with_sharding_constraint(idx, sharding)
+    x = images[idx].astype(jnp.float32)
+    y = labels[idx]
+    keys = jax.vmap(lambda e, i: jax.random.fold_in(jax.random.fold_in(aug_key, e), i))(epoch0 + rel, index)
+    x = jax.vmap(functools.partial(_augment, settings, channels))(keys, x)
+    return {
+        "image": jax.lax.with_sharding_constraint(x, sharding),
+        "label": jax.lax.with_sharding_constraint(y, sharding),
+    }
 
-    def fn(
-        images: jax.Array, labels: jax.Array, seed: jax.Array, epoch0: jax.Array, offset: jax.Array
-    ) -> dict[str, jax.Array]:
-        base = jax.random.key(seed)
-        order_key = jax.random.fold_in(base, 1)
-        aug_key = jax.random.fold_in(base, 2)
-        pos = offset + jnp.arange(batch, dtype=jnp.int32)
-        rel, index = pos // n, pos % n
-        if shuffle:
-            epochs = epoch0 + jnp.arange(num_perms, dtype=jnp.int32)
-            perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), n))(epochs)
-            idx = perms[rel, index]
-        else:
-            idx = index
-        idx = jax.lax.with_sharding_constraint(idx, out_sharding)
-        x = images[idx].astype(jnp.float32)
-        y = labels[idx]
-        keys = jax.vmap(lambda e, i: jax.random.fold_in(jax.random.fold_in(aug_key, e), i))(epoch0 + rel, index)
-        x = jax.vmap(augment)(keys, x)
-        return {"image": x, "label": y}
 
-    jitted = jax.jit(fn, out_shardings={"image": out_sharding, "label": out_sharding})
-    _FN_CACHE[key] = jitted
-    return jitted
+# Compiled once per (shapes, static arguments): jax.jit's own cache reuses the program when a train iterator is
+# created again with the same settings (a resumed run in the same process, tests); no cache of ours.
+_train_batch = jax.jit(train_batch, static_argnames=("settings", "channels", "batch", "shuffle", "sharding"))
 
 
 def create_train_iterator(
@@ -235,13 +217,21 @@ def create_train_iterator(
     """
     seed = int(config.seed if seed is None else seed)
     source, channels, mean, std, _, fixed = _setup(config, mesh, config.batch_size, "batch_size")
-    geometry = None if fixed else (int(config.image_size), "resize", 1.0)
+    settings = policy.TrainAugSettings.from_config(config, mean=mean, std=std)
+    geometry = None if fixed else (settings.image_size, "resize", 1.0)
     images, labels = load_arrays(source, source.resolve(config.train_split), geometry)
     n = len(labels)
     images_dev = sharding_lib.replicate(images, mesh)
     labels_dev = sharding_lib.replicate(labels, mesh)
-    fn = make_train_batch_fn(config, mesh, n, channels, mean, std)
     batch = int(config.batch_size)
+    fn = functools.partial(
+        _train_batch,
+        settings=settings,
+        channels=channels,
+        batch=batch,
+        shuffle=int(config.input.shuffle_buffer) > 1,
+        sharding=sharding_lib.data_sharding(mesh),
+    )
 
     def steps() -> Iterator[int]:
         step = int(start_step)
@@ -253,20 +243,16 @@ def create_train_iterator(
         epoch0, offset = divmod(step * batch, n)
         return fn(images_dev, labels_dev, np.uint32(seed & 0xFFFFFFFF), np.int32(epoch0), np.int32(offset))
 
-    return sharding_lib.prefetch(steps(), int(config.input.get("prefetch", 2)), make)
+    return sharding_lib.prefetch(steps(), int(config.input.prefetch), make)
 
 
-def _eval_fn(config: Any, mesh: Mesh, channels: int, mean, std, fixed: bool):
-    size = int(config.image_size)
-    mode = str(config.aug.get("eval_crop", "resize"))
-    if mode not in ("resize", "center_crop"):
-        raise ValueError(f"Unknown config.aug.eval_crop={mode!r}; use 'resize' or 'center_crop'.")
-    ratio = float(config.aug.get("eval_crop_ratio", 0.875))
+def _eval_fn(settings: policy.EvalSettings, mesh: Mesh, channels: int, mean, std, fixed: bool):
+    size, ratio = settings.image_size, settings.crop_ratio
     sharding = sharding_lib.data_sharding(mesh)
 
     def fn(images: jax.Array) -> jax.Array:
         x = aug.convert_channels(images.astype(jnp.float32), channels)
-        if fixed and mode == "center_crop":
+        if fixed and settings.crop == "center_crop":
             h, w = x.shape[1:3]
             scale = math.floor(size / ratio) / min(h, w)
             nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
@@ -277,24 +263,28 @@ def _eval_fn(config: Any, mesh: Mesh, channels: int, mean, std, fixed: bool):
             x = aug.resize(x, size)
         return aug.normalize(jnp.clip(x, 0.0, 255.0), mean, std)
 
-    return jax.jit(fn, out_shardings=sharding), mode, ratio
+    return jax.jit(fn, out_shardings=sharding)
 
 
 class EvalIterable:
-    """Re-iterable over one pass of the eval split: padded, masked global batches (see `cvt_flax.data`)."""
+    """Re-iterable over one pass of the eval split: padded, masked global batches (see `cvt_flax.data`).
+
+    Build it once per run: it loads the split into host memory and compiles the preprocessing; each ``iter()``
+    is one pass.
+    """
 
     def __init__(self, config: Any, mesh: Mesh):
         source, channels, mean, std, local_batch, fixed = _setup(
             config, mesh, config.eval_batch_size, "eval_batch_size"
         )
-        fn, mode, ratio = _eval_fn(config, mesh, channels, mean, std, fixed)
-        geometry = None if fixed else (int(config.image_size), mode, ratio)
+        settings = policy.EvalSettings.from_config(config)
+        geometry = None if fixed else (settings.image_size, settings.crop, settings.crop_ratio)
         self.images, self.labels = load_arrays(source, source.resolve(config.eval_split), geometry)
         self.mesh = mesh
-        self.fn = fn
+        self.fn = _eval_fn(settings, mesh, channels, mean, std, fixed)
         self.local_batch = local_batch
         self.global_batch = int(config.eval_batch_size)
-        self.prefetch = int(config.input.get("prefetch", 2))
+        self.prefetch = int(config.input.prefetch)
         self.num_examples = len(self.labels)
         self.num_batches = math.ceil(self.num_examples / self.global_batch)
 
@@ -323,14 +313,6 @@ class EvalIterable:
         return sharding_lib.prefetch(range(self.num_batches), self.prefetch, self._convert)
 
 
-_EVAL_CACHE: dict[tuple, EvalIterable] = {}
-
-
 def create_eval_iterator(config: Any, mesh: Mesh) -> EvalIterable:
-    """One-pass-per-iter() eval batches {'image', 'label', 'mask'} (see `EvalIterable`)."""
-    key = info_lib.eval_cache_key(config, mesh)
-    if key not in _EVAL_CACHE:
-        if len(_EVAL_CACHE) >= 2:
-            _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
-        _EVAL_CACHE[key] = EvalIterable(config, mesh)
-    return _EVAL_CACHE[key]
+    """One-pass-per-iter() eval batches {'image', 'label', 'mask'} (see `EvalIterable`); build it once per run."""
+    return EvalIterable(config, mesh)

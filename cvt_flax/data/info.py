@@ -16,16 +16,16 @@ import os
 import random
 import types
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
+
+from cvt_flax.data.policy import LUMA
 
 IMAGE_FOLDER = "image_folder"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# ITU-R 601-2 luma (PIL's "L" conversion, tf.image.rgb_to_grayscale).
-LUMA = (0.2989, 0.5870, 0.1140)
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -236,7 +236,7 @@ def open_source(config: Any, *, for_device: bool = False) -> Source:
       DatasetError: Unknown name, missing/unprepared data (with how to prepare it), bad image folder.
     """
     name = str(config.dataset)
-    data_dir = config.get("data_dir") or None
+    data_dir = config.data_dir or None
     if name == IMAGE_FOLDER:
         return _open_image_folder(data_dir)
     import tensorflow_datasets as tfds  # TF-free import
@@ -250,7 +250,7 @@ def open_source(config: Any, *, for_device: bool = False) -> Source:
             f"holding ROOT/<split>/<class>/*.png|jpg."
         ) from e
     if not builder.is_prepared():
-        if not config.get("download", False):
+        if not config.download:
             raise DatasetError(
                 f"Dataset {name!r} is not prepared in {builder.data_dir} and --config.download is False. "
                 + _prepare_instructions(name, data_dir, for_device)
@@ -359,7 +359,7 @@ def _open_image_folder(root: str | None) -> Source:
 
 def model_channels(config: Any, source_channels: int) -> int:
     """Channels the model receives: ``config.num_channels`` (1 or 3), or the dataset's own when it is 0."""
-    c = int(config.get("num_channels", 0) or 0)
+    c = int(config.num_channels or 0)
     if c == 0:
         return source_channels
     if c not in (1, 3):
@@ -376,7 +376,7 @@ def normalization_stats(config: Any, name: str, channels: int) -> tuple[tuple[fl
     'auto' (or 'dataset'): the dataset's statistics where known (CIFAR, MNIST, Fashion-MNIST), ImageNet's
     otherwise; 'imagenet'; 'inception' (maps to [-1, 1]); 'none' (maps to [0, 1]).
     """
-    mode = str(config.input.get("normalization", "auto")).lower()
+    mode = str(config.input.normalization).lower()
     entry = KNOWN_DATASETS.get(name)
     if mode in ("auto", "dataset"):
         if entry is not None and entry.mean is not None:
@@ -412,58 +412,6 @@ def _to_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:
     raise DatasetError(f"Cannot map {len(values)} normalisation values to {channels} channels.")
 
 
-class TrainAug(NamedTuple):
-    """Train-time augmentation settings read from ``config.image_size`` and ``config.aug``."""
-
-    size: int
-    crop: str
-    padding: int
-    min_scale: float
-    hflip: bool
-    ra_layers: int
-    ra_magnitude: float
-    color_jitter: float
-    random_erasing: float
-
-
-def train_aug_settings(config: Any) -> TrainAug:
-    """The train augmentation settings shared by the tf.data and device pipelines (validated)."""
-    a = config.aug
-    crop = str(a.get("crop", "pad_crop"))
-    if crop not in ("pad_crop", "random_resized_crop", "resize"):
-        raise ValueError(f"Unknown config.aug.crop={crop!r}; use 'pad_crop', 'random_resized_crop' or 'resize'.")
-    return TrainAug(
-        size=int(config.image_size),
-        crop=crop,
-        padding=int(a.get("crop_padding", 4)),
-        min_scale=float(a.get("crop_min_scale", 0.08)),
-        hflip=bool(a.get("hflip", True)),
-        ra_layers=int(a.get("randaugment_layers", 0)),
-        ra_magnitude=float(a.get("randaugment_magnitude", 9)),
-        color_jitter=float(a.get("color_jitter", 0.0)),
-        random_erasing=float(a.get("random_erasing", 0.0)),
-    )
-
-
-def eval_cache_key(config: Any, mesh: Any) -> tuple:
-    """Everything an eval pass depends on (train.py creates the eval iterator at every evaluation: reuse it)."""
-    return (
-        str(config.dataset),
-        config.get("data_dir"),
-        str(config.eval_split),
-        int(config.image_size),
-        int(config.get("num_channels", 0) or 0),
-        str(config.input.get("pipeline", "tfdata")),
-        str(config.input.get("normalization", "auto")),
-        bool(config.input.get("cache", False)),
-        int(config.input.get("prefetch", 2)),
-        str(config.aug.get("eval_crop", "resize")),
-        float(config.aug.get("eval_crop_ratio", 0.875)),
-        int(config.eval_batch_size),
-        mesh,
-    )
-
-
 def get_dataset_info(config: Any) -> DatasetInfo:
     """Returns the `DatasetInfo` of ``config.dataset`` (checks it is known and prepared).
 
@@ -478,7 +426,7 @@ def get_dataset_info(config: Any) -> DatasetInfo:
       DatasetError (a ValueError): Unknown dataset (lists the known ones and 'image_folder'), a dataset that is
         not prepared (says how to prepare it and to pass --config.data_dir), or a bad split.
     """
-    for_device = str(config.input.get("pipeline", "tfdata")) == "device"
+    for_device = str(config.input.pipeline) == "device"
     source = open_source(config, for_device=for_device)
     channels = model_channels(config, source.image_shape[2])
     mean, std = normalization_stats(config, source.name, channels)

@@ -8,12 +8,6 @@ import jax
 import jax.numpy as jnp
 
 
-def _get(cfg: Any, name: str, default: float) -> float:
-    if isinstance(cfg, dict):
-        return float(cfg.get(name, default))
-    return float(getattr(cfg, name, default))
-
-
 def cutmix_box(rng: jax.Array, lam: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
     """CutMix box (timm ``rand_bbox``): area about ``(1 - lam) * H * W``, centred at a uniform point, clipped.
 
@@ -56,16 +50,17 @@ def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, aug_config:
       rng: PRNG key.
       images: [B, H, W, C] float images (any float dtype; kept).
       targets: [B, num_classes] one-hot (or already smoothed) targets.
-      aug_config: ``config.aug`` (``mixup_alpha``, ``cutmix_alpha``, ``mix_prob``, ``cutmix_switch_prob``);
-        a dict works too. Python values: they select the code path at trace time.
+      aug_config: ``config.aug`` (``mixup_alpha``, ``cutmix_alpha``, ``mix_prob``, ``cutmix_switch_prob``; their
+        defaults live in ``configs/default.py``), or a dict with those four keys. Python values: they select the
+        code path at trace time.
 
     Returns:
       (mixed images, soft targets float32 [B, num_classes]).
     """
-    mixup_alpha = _get(aug_config, "mixup_alpha", 0.0)
-    cutmix_alpha = _get(aug_config, "cutmix_alpha", 0.0)
-    prob = _get(aug_config, "mix_prob", 1.0)
-    switch_prob = _get(aug_config, "cutmix_switch_prob", 0.5)
+    mixup_alpha = float(aug_config["mixup_alpha"])
+    cutmix_alpha = float(aug_config["cutmix_alpha"])
+    prob = float(aug_config["mix_prob"])
+    switch_prob = float(aug_config["cutmix_switch_prob"])
     targets = targets.astype(jnp.float32)
     if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
         return images, targets

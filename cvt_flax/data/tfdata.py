@@ -6,7 +6,8 @@ Train stream, per process (each process reads its own contiguous share of the sp
       -> epochs e = start_epoch, start_epoch + 1, ...: base.shuffle(buffer, seed=f(seed, process, e))
       -> skip the examples of the start epoch already consumed
       -> enumerate (position p in the process's stream)
-      -> [decode] + augment with stateless ops seeded by (seed, process, p)
+      -> [decode] + augment: the train policy (cvt_flax.data.policy) with the stateless TensorFlow kernels of
+         cvt_flax.data.augment_tf, seeded by (seed, process, p)
       -> batch(local_batch, drop_remainder) -> numpy -> global jax arrays (kept `config.input.prefetch` ahead)
 
 Shuffling happens before repetition (a fresh permutation per epoch) and every random choice is a function of
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from cvt_flax import sharding as sharding_lib
 from cvt_flax.data import augment_tf as aug
 from cvt_flax.data import info as info_lib
+from cvt_flax.data import policy
 
 with contextlib.suppress(RuntimeError):  # TensorFlow only feeds data: keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
@@ -115,43 +116,26 @@ def _setup(config: Any, mesh: Mesh, batch_size: int, what: str):
     return source, channels, mean, std, local_batch
 
 
-def _train_augment_fn(config: Any, mean, std, aug_base: int, reader: _Reader, decode: bool):
-    size, crop, padding, min_scale, hflip, ra_layers, ra_mag, jitter, erasing = info_lib.train_aug_settings(config)
+def _train_augment_fn(settings: policy.TrainAugSettings, aug_base: int, reader: _Reader, decode: bool):
+    """The map function ``(position, example) -> example`` of the train stream (the policy, TensorFlow kernels)."""
 
     @_no_ag
     def fn(pos: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image = reader.decode(ex["image"]) if decode else ex["image"]
         seed = tf.stack([tf.constant(aug_base, tf.int64), tf.cast(pos, tf.int64)])
-        s = tf.random.experimental.stateless_split(seed, num=6)
-        if crop == "pad_crop":
-            image = aug.pad_crop(image, s[0], size, padding)
-        elif crop == "random_resized_crop":
-            image = aug.random_resized_crop(image, s[0], size, scale=(min_scale, 1.0))
-        else:
-            image = tf.ensure_shape(aug.resize(image, size), [size, size, reader.channels])
-        if hflip:
-            image = aug.random_flip(image, s[1])
-        image = aug.randaugment(image, s[2], ra_layers, ra_mag)
-        image = aug.color_jitter(image, s[3], jitter)
-        x = aug.normalize(image, mean, std)
-        x = aug.random_erasing(x, s[4], erasing)
-        return {"image": x, "label": ex["label"]}
+        return {"image": policy.apply_train_policy(settings, aug.KERNELS, image, seed), "label": ex["label"]}
 
     return fn
 
 
-def _eval_preprocess_fn(config: Any, mean, std, reader: _Reader, decode: bool):
-    size = int(config.image_size)
-    mode = str(config.aug.get("eval_crop", "resize"))
-    if mode not in ("resize", "center_crop"):
-        raise ValueError(f"Unknown config.aug.eval_crop={mode!r}; use 'resize' or 'center_crop'.")
-    ratio = float(config.aug.get("eval_crop_ratio", 0.875))
+def _eval_preprocess_fn(settings: policy.EvalSettings, mean, std, reader: _Reader, decode: bool):
+    size = settings.image_size
 
     @_no_ag
     def fn(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image = reader.decode(ex["image"]) if decode else ex["image"]
-        if mode == "center_crop":
-            image = aug.center_crop(image, size, ratio)
+        if settings.crop == "center_crop":
+            image = aug.center_crop(image, size, settings.crop_ratio)
         else:
             image = tf.ensure_shape(aug.resize_if_needed(image, size), [size, size, reader.channels])
         return {"image": aug.normalize(image, mean, std), "label": ex["label"]}
@@ -178,6 +162,7 @@ def make_train_dataset(
     source = info_lib.open_source(config)
     channels = info_lib.model_channels(config, source.image_shape[2])
     mean, std = info_lib.normalization_stats(config, source.name, channels)
+    settings = policy.TrainAugSettings.from_config(config, mean=mean, std=std)
     ranges = info_lib.process_ranges(source.resolve(config.train_split), process_index, process_count)
     local_n = sum(b - a for _, a, b in ranges)
     if local_n == 0:
@@ -188,9 +173,9 @@ def make_train_dataset(
     reader = _Reader(source, channels)
     decode_early = reader.fixed_size
     base = reader.read(ranges, decode=decode_early)
-    if config.input.get("cache", False):
+    if config.input.cache:
         base = base.cache()
-    buffer = min(int(config.input.get("shuffle_buffer", 0) or 0), local_n)
+    buffer = min(int(config.input.shuffle_buffer), local_n)
     shuffle_base = _seed_base(seed, process_index, 1)
     aug_base = _seed_base(seed, process_index, 2)
 
@@ -207,7 +192,7 @@ def make_train_dataset(
     if skip:
         ds = ds.skip(skip)
     ds = ds.enumerate(start=start_pos)
-    fn = _train_augment_fn(config, mean, std, aug_base, reader, decode=not decode_early)
+    fn = _train_augment_fn(settings, aug_base, reader, decode=not decode_early)
     ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
@@ -239,7 +224,7 @@ def create_train_iterator(
         process_count=jax.process_count(),
     )
     return sharding_lib.prefetch(
-        ds.as_numpy_iterator(), int(config.input.get("prefetch", 2)), lambda b: sharding_lib.to_global(b, mesh)
+        ds.as_numpy_iterator(), int(config.input.prefetch), lambda b: sharding_lib.to_global(b, mesh)
     )
 
 
@@ -247,15 +232,17 @@ class EvalIterable:
     """Re-iterable over one full pass of the eval split: {'image', 'label', 'mask'} global batches.
 
     Each process reads its own share; the last batches are padded (zero images, label 0, mask False) so that every
-    process yields the same number of batches and every eval example appears exactly once.
+    process yields the same number of batches and every eval example appears exactly once. Build it once per run:
+    with ``config.input.cache`` the first pass fills the cache that later passes read.
     """
 
     def __init__(self, config: Any, mesh: Mesh):
         source, channels, mean, std, local_batch = _setup(config, mesh, config.eval_batch_size, "eval_batch_size")
+        settings = policy.EvalSettings.from_config(config)
         self.mesh = mesh
         self.local_batch = local_batch
-        self.prefetch = int(config.input.get("prefetch", 2))
-        self.image_size = int(config.image_size)
+        self.prefetch = int(config.input.prefetch)
+        self.image_size = settings.image_size
         self.channels = channels
         pc, pi = jax.process_count(), jax.process_index()
         all_ranges = source.resolve(config.eval_split)
@@ -267,10 +254,10 @@ class EvalIterable:
         if ranges:
             reader = _Reader(source, channels)
             ds = reader.read(ranges, decode=reader.fixed_size)
-            if config.input.get("cache", False):
+            if config.input.cache:
                 ds = ds.cache()
             ds = ds.map(
-                _eval_preprocess_fn(config, mean, std, reader, decode=not reader.fixed_size),
+                _eval_preprocess_fn(settings, mean, std, reader, decode=not reader.fixed_size),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
             )
@@ -308,43 +295,6 @@ class EvalIterable:
         )
 
 
-_EVAL_CACHE: dict[tuple, EvalIterable] = {}
-
-
 def create_eval_iterator(config: Any, mesh: Mesh) -> EvalIterable:
-    """One-pass-per-iter() eval batches with a validity mask (see `EvalIterable`)."""
-    key = info_lib.eval_cache_key(config, mesh)
-    if key not in _EVAL_CACHE:
-        if len(_EVAL_CACHE) >= 2:
-            _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
-        _EVAL_CACHE[key] = EvalIterable(config, mesh)
-    return _EVAL_CACHE[key]
-
-
-def images_per_second(config: Any, num_batches: int = 50, *, warmup: int = 5) -> float:
-    """Host-side throughput of this process's train tf.data pipeline (images/s, no device transfer).
-
-    Args:
-      config: Run config.
-      num_batches: Batches timed.
-      warmup: Batches read first (fills caches/buffers) and not timed.
-
-    Returns:
-      Images per second.
-    """
-    local_batch = int(config.batch_size) // jax.process_count()
-    ds = make_train_dataset(
-        config,
-        seed=int(config.seed),
-        start_step=0,
-        local_batch=local_batch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    it = ds.as_numpy_iterator()
-    for _ in range(warmup):
-        next(it)
-    t0 = time.perf_counter()
-    for _ in range(num_batches):
-        next(it)
-    return num_batches * local_batch / (time.perf_counter() - t0)
+    """One-pass-per-iter() eval batches with a validity mask (see `EvalIterable`); build it once per run."""
+    return EvalIterable(config, mesh)
