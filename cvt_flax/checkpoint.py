@@ -24,11 +24,14 @@ pytree); `model_from_info` then builds the matching module::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +45,7 @@ from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
 from cvt_flax import sharding
+from cvt_flax.errors import UserError
 from cvt_flax.models import weights
 
 if TYPE_CHECKING:
@@ -51,6 +55,7 @@ else:
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
 MODEL_DIR = "model"
 
 FORMAT = "cvt-flax-model"
@@ -238,6 +243,48 @@ def _state_dict(state: TrainState) -> dict[str, Any]:
     return d
 
 
+class DamagedCheckpointError(UserError):
+    """A checkpoint whose files cannot be read back (truncated, missing or corrupt)."""
+
+    def __init__(self, path: pathlib.Path, cause: Any, message: str | None = None):
+        self.path = pathlib.Path(path)
+        reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
+        first = reason.strip().splitlines()[0] if reason.strip() else ""
+        super().__init__(message or f"The checkpoint {self.path} is damaged and cannot be restored ({first[:300]}).")
+
+
+class CheckpointMismatchError(UserError):
+    """A readable checkpoint written by another model or optimizer setting than this config's."""
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Any:
+    """Silences the echoes of a failed Orbax read (the first error is raised and reported once).
+
+    Orbax reads arrays in parallel asyncio tasks: when one fails (a damaged file), the others' errors would be
+    printed as "Task exception was never retrieved" and "Exception ignored in: <coroutine ...>" tracebacks, one
+    per array.
+    """
+    import asyncio  # noqa: F401 - the logger exists once asyncio is imported
+    import gc
+    import logging as std_logging
+
+    logger = std_logging.getLogger("asyncio")
+    level, hook = logger.level, sys.unraisablehook
+    logger.setLevel(std_logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+        logger.setLevel(level)
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 class Checkpoints:
     """Orbax checkpoints of the train state: the last ``keep`` plus the best by eval accuracy.
 
@@ -287,6 +334,19 @@ class Checkpoints:
             force=True,
         )
 
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(int(x) for x in self.manager.all_steps())
+
+    def _stored_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+        """``{path: shape}`` of the arrays a checkpoint holds, from its metadata (None when that is unreadable)."""
+        try:
+            tree = self.manager.item_metadata(step)["state"]
+            tree = getattr(tree, "tree", tree)
+            return {_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        except Exception:  # noqa: BLE001 - unreadable metadata means a damaged checkpoint
+            return None
+
     def restore(
         self,
         step: int,
@@ -304,36 +364,116 @@ class Checkpoints:
             ``spec``); a checkpoint written for another model is refused up front.
 
         Raises:
-          ValueError: when the checkpoint was written by a different config.
+          CheckpointMismatchError: the checkpoint was written by another model or optimizer setting.
+          DamagedCheckpointError: the checkpoint's files cannot be read (truncated, missing, corrupt).
         """
         fix = (
             "Resume with the config that wrote it, or start this config in a new --workdir (use "
             "--config.init_from to start from those weights)."
         )
         where = f"The checkpoint at step {step} in {self.directory}"
-        meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = dict(meta or {})
+        except Exception as e:  # noqa: BLE001
+            raise DamagedCheckpointError(self.directory / str(step), e) from e
         for key in ("variant", "num_classes", "spec"):
             if expected and key in meta and key in expected and _arch(meta[key]) != _arch(expected[key]):
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"{where} was written for {key} {_arch(meta[key])!r}, but this config has "
                     f"{_arch(expected[key])!r}. {fix}"
                 )
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _state_dict(abstract_state)
         )
-        try:
-            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+        stored = self._stored_shapes(step)
+        if stored is None:
+            raise DamagedCheckpointError(self.directory / str(step), "its array metadata cannot be read")
+        wanted = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+        if stored != wanted:
+            groups = sorted({k.split("/")[0] for k in set(stored) ^ set(wanted)} |
+                            {k.split("/")[0] for k in set(stored) & set(wanted) if stored[k] != wanted[k]})  # fmt: skip
+            raise CheckpointMismatchError(
+                f"{where} holds a train state of another structure ({', '.join(groups)} differ: another optimizer, "
+                f"gradient clipping or EMA setting than this config's?). {fix}"
             )
-        except Exception as e:  # Orbax raises various errors for structure/shape mismatches.
-            raise ValueError(
-                f"{where} does not match this config (a different model, class count, optimizer or EMA setting?): "
-                f"{type(e).__name__}: {str(e)[:2000]}\n{fix}"
-            ) from e
+        try:
+            with _quiet_failed_reads():
+                restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+                )
+        except Exception as e:  # noqa: BLE001 - the structure matches, so the files are at fault
+            raise DamagedCheckpointError(self.directory / str(step), e) from e
         state_dict = {"ema_params": None, **restored["state"]}  # _state_dict drops an absent EMA
         state = flax.serialization.from_state_dict(abstract_state, state_dict)
         return state, meta
+
+    def restore_latest_intact(
+        self,
+        abstract_state: TrainState,
+        sharding: jax.sharding.Sharding,
+        expected: Mapping[str, Any] | None = None,
+    ) -> tuple[TrainState, dict[str, Any], int] | None:
+        """Restores the newest checkpoint that reads back; damaged newer ones are moved aside, never deleted.
+
+        A damaged checkpoint (a truncated or missing file) gets a warning naming it and is moved to
+        ``<workdir>/damaged_checkpoints/<step>`` (so that the resumed run can save that step again); the next
+        older one is tried.
+
+        Returns:
+          ``(state, meta, step)``, or None when there is no checkpoint at all.
+
+        Raises:
+          CheckpointMismatchError: a readable checkpoint of another model or optimizer setting.
+          DamagedCheckpointError: every checkpoint is damaged (the message lists them).
+        """
+        steps = self.all_steps()
+        damaged: list[DamagedCheckpointError] = []
+        for step in reversed(steps):
+            try:
+                state, meta = self.restore(step, abstract_state, sharding, expected)
+            except DamagedCheckpointError as err:
+                logging.warning("%s", err)
+                damaged.append(err)
+                continue
+            self._move_aside(damaged)
+            return state, meta, step
+        if damaged:
+            listing = "\n  ".join(str(d) for d in damaged)
+            raise DamagedCheckpointError(
+                self.directory,
+                "all damaged",
+                f"{self.directory}: none of its {len(damaged)} checkpoints can be restored:\n  {listing}\nNothing "
+                "was deleted. Start the run in a new --workdir, or remove the damaged step folders to start this one "
+                "afresh.",
+            )
+        return None
+
+    def _move_aside(self, damaged: list[DamagedCheckpointError]) -> None:
+        """Process 0 moves the damaged step folders aside; every process then re-reads the step list."""
+        if not damaged:
+            return
+        if jax.process_index() == 0:
+            self._move(damaged)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("cvt_flax_move_damaged_checkpoints")
+        self.manager.reload()
+
+    def _move(self, damaged: list[DamagedCheckpointError]) -> None:
+        aside = self.directory.parent / DAMAGED_DIR
+        for err in damaged:
+            target = aside / err.path.name
+            try:
+                aside.mkdir(parents=True, exist_ok=True)
+                if target.exists():
+                    target = aside / f"{err.path.name}.{int(time.time())}"
+                err.path.rename(target)
+                logging.warning("Moved the damaged checkpoint %s to %s (not deleted).", err.path, target)
+            except OSError as e:
+                logging.warning("Could not move the damaged checkpoint %s aside (%s).", err.path, e)
 
     def wait(self) -> None:
         """Blocks until pending saves are complete."""
@@ -660,11 +800,13 @@ def restore_or_initialize(
         )
     if latest is not None:
         expected = run_model_info(config, program.model.spec, program.num_classes)
-        state, meta = ckpts.restore(latest, program.abstract_state, rep, expected=expected)
-        best = {"accuracy": float(meta.get("best_accuracy", -1.0)), "step": int(meta.get("best_step", -1))}
-        path = str(ckpts.directory / str(latest))
-        logging.info("Resumed from %s at step %d.", path, int(state.step))
-        return Start(state, best, "checkpoint", path)
+        found = ckpts.restore_latest_intact(program.abstract_state, rep, expected=expected)
+        if found is not None:
+            state, meta, step = found
+            best = {"accuracy": float(meta.get("best_accuracy", -1.0)), "step": int(meta.get("best_step", -1))}
+            path = str(ckpts.directory / str(step))
+            logging.info("Resumed from %s at step %d.", path, int(state.step))
+            return Start(state, best, "checkpoint", path)
     best = {"accuracy": -1.0, "step": -1}
     if config.init_from:
         # Load and check the architecture before compiling anything (mismatches fail fast).

@@ -243,10 +243,50 @@ def test_finetune_from_converted_huggingface_checkpoint(mock_dir, tmp_path, capl
 # ----------------------------------------------------------------------------- Fashion-MNIST: resume, divergence
 
 
+@pytest.fixture(scope="module")
+def fmnist_straight(shared_dir, tmp_path_factory):
+    """An uninterrupted 4-step run on the real Fashion-MNIST: (summary, workdir)."""
+    workdir = tmp_path_factory.mktemp("fmnist_straight")
+    summary = run_real(fmnist_config(shared_dir), workdir)
+    assert summary["status"] == "completed" and summary["step"] == 4
+    return summary, workdir
+
+
+def _damage(step_dir):
+    """Deletes the largest array file of a checkpoint (as a crash or a full disk during a copy would)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.name not in ("_METADATA", "_sharding")]
+    max(files, key=lambda p: p.stat().st_size).unlink()
+
+
 @pytest.mark.slow
-def test_killed_and_resumed_run_equals_uninterrupted(shared_dir, tmp_path, monkeypatch):
-    straight = run_real(fmnist_config(shared_dir), tmp_path / "straight")
-    assert straight["status"] == "completed" and straight["step"] == 4
+def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(shared_dir, fmnist_straight, tmp_path, caplog):
+    straight, straight_dir = fmnist_straight
+    workdir = tmp_path / "run"
+    run_real(fmnist_config(shared_dir), workdir)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    _damage(workdir / "checkpoints" / "4")
+
+    with caplog.at_level("WARNING"):
+        again = run_real(fmnist_config(shared_dir), workdir)
+    assert f"checkpoint {workdir / 'checkpoints' / '4'} is damaged" in caplog.text
+    assert (workdir / "damaged_checkpoints" / "4" / "state").is_dir()  # moved aside, not deleted
+    assert again["status"] == "completed" and again["resumed_from_step"] == 2 and again["step"] == 4
+    a, b = flat(final_params(straight_dir)), flat(final_params(workdir))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    # Every checkpoint damaged: one message listing them, nothing deleted.
+    for step in ("2", "4"):
+        _damage(workdir / "checkpoints" / step)
+    with pytest.raises(ckpt_lib.DamagedCheckpointError, match="none of its 2 checkpoints can be restored") as e:
+        run_real(fmnist_config(shared_dir), workdir)
+    assert "checkpoints/4" in str(e.value) and "checkpoints/2" in str(e.value) and "Nothing was deleted" in str(e.value)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted(shared_dir, fmnist_straight, tmp_path, monkeypatch):
+    straight, straight_dir = fmnist_straight
 
     patch_data(monkeypatch, at_step=3, action="sigterm")  # SIGTERM while step 3 runs: save at 3 and stop
     first = run_real(fmnist_config(shared_dir), tmp_path / "resumed")
@@ -256,7 +296,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(shared_dir, tmp_path, monke
     second = run_real(fmnist_config(shared_dir), tmp_path / "resumed")
     assert second["status"] == "completed" and second["resumed_from_step"] == 3 and second["step"] == 4
 
-    a, b = flat(final_params(tmp_path / "straight")), flat(final_params(tmp_path / "resumed"))
+    a, b = flat(final_params(straight_dir)), flat(final_params(tmp_path / "resumed"))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
