@@ -166,5 +166,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile = False
     # Stop after this many seconds of training (0: no limit; for smoke runs).
     config.max_train_seconds = 0.0
+    # Resuming a workdir with another training recipe (epochs, batch size, learning
+    # rate, schedule, augmentation, ...) than its saved config.json needs this switch;
+    # model/data changes never resume (README, "Resuming a run").
+    config.allow_recipe_change = False
 
     return config

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -281,6 +282,23 @@ def _quiet_failed_reads() -> Any:
         logger.setLevel(level)
 
 
+def _is_disk_full(err: BaseException | None) -> bool:
+    """Whether an exception (or one it was raised from) is a full disk, however Orbax or TensorStore wrap it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err) or "RESOURCE_EXHAUSTED" in str(err) and "space" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _dir_size(path: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
 def _path_name(path: tuple[Any, ...]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
@@ -327,6 +345,31 @@ class Checkpoints:
 
     def save(self, step: int, state: TrainState, meta: Mapping[str, Any], metrics: Mapping[str, float] | None):
         """Starts an asynchronous save (waits for the previous one first)."""
+        self._state_bytes = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(_state_dict(state)))
+        with self._disk_errors(step):
+            self._save(step, state, meta, metrics)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, step: int | None = None) -> Any:
+        """Turns a full disk during a save into one message naming the folder and the space a checkpoint needs."""
+        try:
+            yield
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            steps = [s for s in self.all_steps() if s != step]
+            need = _dir_size(self.directory / str(steps[-1])) if steps else getattr(self, "_state_bytes", 0)
+            kept = (
+                f"the checkpoints already saved (steps {steps}) stay restorable" if steps else "no checkpoint existed"
+            )
+            raise UserError(
+                f"No space left on the device of {self.directory} while saving "
+                f"{'step ' + str(step) if step is not None else 'a checkpoint'} (a checkpoint needs about "
+                f"{need / 2**20:.1f} MiB). Free space there or choose another --workdir, then restart the same "
+                f"command; {kept}."
+            ) from e
+
+    def _save(self, step: int, state: TrainState, meta: Mapping[str, Any], metrics: Mapping[str, float] | None):
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.PyTreeSave(_state_dict(state)), meta=ocp.args.JsonSave(dict(meta))),
@@ -477,11 +520,13 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Blocks until pending saves are complete."""
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
-        self.manager.close()
+        with self._disk_errors():
+            self.manager.close()
 
 
 def _arch(value: Any) -> Any:
@@ -718,7 +763,7 @@ def apply_init_from(
 def export_model(directory: str | os.PathLike, state: TrainState, model_info: Mapping[str, Any]) -> None:
     """Writes a run's final model (eval variables) as a model checkpoint, for `init_from` and inference."""
     variables = jax.device_get(state.eval_variables())
-    save_model(directory, variables, {**model_info, "source": "cvt-flax training"})
+    save_model(directory, variables, {**model_info, "source": "cvt-flax training", "step": int(state.step)})
     logging.info("Exported the final model to %s.", directory)
 
 
@@ -758,16 +803,22 @@ class Start:
       best: ``{'accuracy', 'step'}`` of the best evaluation so far (-1 when none).
       source: ``'checkpoint'``, ``'init_from'`` or ``'scratch'``.
       path: The checkpoint directory or init_from source (None from scratch).
+      source_step: The training step the weights come from (the checkpoint's, or init_from's when known).
     """
 
     state: TrainState
     best: dict[str, Any]
     source: str
     path: str | None = None
+    source_step: int | None = None
 
 
 def restore_or_initialize(
-    config: ml_collections.ConfigDict, program: Any, mesh: Any, ckpts: Checkpoints, workdir: str | os.PathLike
+    config: ml_collections.ConfigDict,
+    program: Any,
+    mesh: Any,
+    ckpts: Checkpoints | None,
+    workdir: str | os.PathLike,
 ) -> Start:
     """Restores or initialises the train state, in the resume order of `cvt_flax.train`.
 
@@ -781,7 +832,7 @@ def restore_or_initialize(
       config: The run config.
       program: The run's `train_utils.TrainProgram` (init function, abstract state, model).
       mesh: The device mesh.
-      ckpts: The workdir's `Checkpoints`.
+      ckpts: The workdir's `Checkpoints` (None: the workdir has none, e.g. an eval-only run that creates nothing).
       workdir: The workdir (for messages).
 
     Returns:
@@ -792,13 +843,13 @@ def restore_or_initialize(
         that does not fit (naming the paths).
     """
     rep = sharding.replicated_sharding(mesh)
-    latest = ckpts.latest_step()
+    latest = ckpts.latest_step() if ckpts is not None else None
     if config.eval_only and latest is None and not config.init_from:
-        raise ValueError(
+        raise UserError(
             f"--config.eval_only=True needs weights: {workdir} has no checkpoint and --config.init_from is empty. "
             f"{INIT_FROM_HELP}"
         )
-    if latest is not None:
+    if ckpts is not None and latest is not None:
         expected = run_model_info(config, program.model.spec, program.num_classes)
         found = ckpts.restore_latest_intact(program.abstract_state, rep, expected=expected)
         if found is not None:
@@ -806,7 +857,7 @@ def restore_or_initialize(
             best = {"accuracy": float(meta.get("best_accuracy", -1.0)), "step": int(meta.get("best_step", -1))}
             path = str(ckpts.directory / str(step))
             logging.info("Resumed from %s at step %d.", path, int(state.step))
-            return Start(state, best, "checkpoint", path)
+            return Start(state, best, "checkpoint", path, int(state.step))
     best = {"accuracy": -1.0, "step": -1}
     if config.init_from:
         # Load and check the architecture before compiling anything (mismatches fail fast).
@@ -817,11 +868,136 @@ def restore_or_initialize(
             model_name=config.model,
         )  # fmt: skip
         state = apply_init_from(config, program.init_state(program.init_rng), mesh, loaded, init_info)
-        return Start(state, best, "init_from", str(init_info.get("source", config.init_from)))
+        step = init_info.get("step")
+        source = str(init_info.get("source", config.init_from))
+        return Start(state, best, "init_from", source, int(step) if step is not None else None)
     if config.require_init_from:
-        raise ValueError(
+        raise UserError(
             f"This config fine-tunes a pretrained model but --config.init_from is empty and {workdir} has no "
             f"checkpoint to resume. {INIT_FROM_HELP}"
         )
     logging.info("Starting from scratch (seed %d).", config.seed)
     return Start(program.init_state(program.init_rng), best, "scratch")
+
+
+# ----------------------------------------------------------------------------- resuming with a changed config
+
+CONFIG_FILE = "config.json"
+# Fields that define what the checkpoint holds: a change cannot resume (another model, data or state layout).
+IDENTITY_FIELDS = ("model", "dataset", "train_split", "image_size", "num_channels", "act", "optimizer")
+# Fields that only steer the run or its implementation: free to change between restarts.
+FREE_FIELDS = (
+    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_train_seconds",
+    "eval_only", "profile", "eval_batch_size", "eval_split", "data_dir", "download", "input.prefetch",
+    "input.cache", "attention_impl", "depthwise_impl", "remat", "dtype", "init_from", "require_init_from",
+    "allow_recipe_change",
+)  # fmt: skip
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, list[tuple[str, Any, Any]]]:
+    """Differences between a workdir's saved config and this run's, by kind.
+
+    Returns:
+      ``{'identity': [...], 'recipe': [...], 'free': [...]}`` of ``(field, saved, current)``. ``identity``: the
+      model, data or train-state layout changed (`IDENTITY_FIELDS`, and EMA or gradient clipping switched on or
+      off, which changes the optimizer state); ``free``: run control and implementation (`FREE_FIELDS`);
+      ``recipe``: everything else (schedule, optimisation, augmentation, regularisation, seed).
+    """
+    a, b = _flat(saved), _flat(current)
+    out: dict[str, list[tuple[str, Any, Any]]] = {"identity": [], "recipe": [], "free": []}
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key), b.get(key)
+        if old == new:
+            continue
+        toggled = key in ("ema_decay", "grad_clip_norm") and (float(old or 0) > 0) != (float(new or 0) > 0)
+        if key in IDENTITY_FIELDS or toggled:
+            kind = "identity"
+        elif key in FREE_FIELDS:
+            kind = "free"
+        else:
+            kind = "recipe"
+        out[kind].append((key, old, new))
+    return out
+
+
+def _listing(changes: list[tuple[str, Any, Any]]) -> str:
+    return "\n".join(f"  {k}: {old!r} -> {new!r}" for k, old, new in changes)
+
+
+def check_resume_config(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int, num_train_examples: int
+) -> None:
+    """Compares this run's config with the one saved in the workdir before resuming at ``step``.
+
+    The rule (README, "Resuming"): a change of model, data or train-state layout cannot resume (an error lists
+    the differences); a change of the training recipe (epochs, steps, batch size, learning rate, schedule,
+    optimizer settings, augmentation, regularisation, seed) resumes only with ``--config.allow_recipe_change=True``
+    and then prints the new schedule; run-control and implementation fields (logging, evaluation and checkpoint
+    intervals, eval split, data_dir, dtype, attention kernel, ...) change freely.
+
+    Raises:
+      CheckpointMismatchError: identity changes.
+      UserError: recipe changes without ``allow_recipe_change``.
+    """
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        logging.warning("Cannot read %s (%s); resuming without comparing configs.", path, e)
+        return
+    changes = config_changes(saved, config.to_dict())
+    if changes["identity"]:
+        raise CheckpointMismatchError(
+            f"{workdir} holds a run of another model, data or optimizer state than this config "
+            f"(saved in {path}):\n{_listing(changes['identity'])}\nResume with the saved config, or start this "
+            "config in a new --workdir (--config.init_from=<this workdir> starts from its weights)."
+        )
+    if changes["recipe"]:
+        from cvt_flax import train_utils as tu
+
+        def schedule_of(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
+            run = tu.derive_run_length(cfg, num_train_examples)
+            return run, tu.create_learning_rate_schedule(cfg, run)
+
+        old_cfg = ml_collections.ConfigDict(saved)
+        (old_run, old_lr), (new_run, new_lr) = schedule_of(old_cfg), schedule_of(config)
+        plan = (
+            f"At step {step} the learning rate was {float(old_lr(step)):.3g} and becomes {float(new_lr(step)):.3g}; "
+            f"the run ends at step {new_run.total_steps} (was {old_run.total_steps})."
+        )
+        if not config.allow_recipe_change:
+            raise UserError(
+                f"{workdir} was trained to step {step} with another recipe (saved in {path}):\n"
+                f"{_listing(changes['recipe'])}\n{plan}\nTo resume with the new values set "
+                "--config.allow_recipe_change=True; to continue the saved run, use its config; to train this "
+                "recipe from scratch, choose a new --workdir."
+            )
+        logging.warning("Resuming at step %d with a changed recipe:\n%s\n%s", step, _listing(changes["recipe"]), plan)
+    if changes["free"]:
+        logging.info("Changed since the last start (allowed):\n%s", _listing(changes["free"]))
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int) -> None:
+    """Writes ``config.json`` (atomically), keeping a differing previous one as ``config.step<N>.json``."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+    if path.is_file():
+        old = path.read_text()
+        if old == text:
+            return
+        path.with_name(f"config.step{step}.json").write_text(old)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

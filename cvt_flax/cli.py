@@ -92,7 +92,7 @@ def help_text(argv: Sequence[str] = ()) -> str:
     lines = [
         "Trains or evaluates a CvT (resumes from the workdir's latest checkpoint when restarted).",
         "",
-        "usage: main.py --config=CONFIG.py[:key=value,...] --workdir=DIR [--config.FIELD=VALUE ...]",
+        "usage: main.py (or cvt-train) --config=CONFIG.py[:key=value,...] --workdir=DIR [--config.FIELD=VALUE ...]",
         "               [--distributed] [--verbose]",
         "",
         f"Config files ({rel}/):",
@@ -233,15 +233,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _hide_accelerators_from_tensorflow() -> None:
     """TensorFlow only feeds data (tf.data): keep it off the GPUs/TPUs, which belong to JAX. TF is optional."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        return
-    for kind in ("GPU", "TPU"):
+    with errors.silenced_stderr():
         try:
-            tf.config.experimental.set_visible_devices([], kind)
-        except Exception as e:  # No such device type, or TF already initialised.
-            logging.debug("TensorFlow: could not hide %s devices: %s", kind, e)
+            import tensorflow as tf
+        except ImportError:
+            return
+        for kind in ("GPU", "TPU"):
+            try:
+                tf.config.experimental.set_visible_devices([], kind)
+            except Exception as e:  # No such device type, or TF already initialised.
+                logging.debug("TensorFlow: could not hide %s devices: %s", kind, e)
 
 
 def _main(argv: Sequence[str]) -> None:
@@ -275,6 +276,8 @@ def _error_log(argv: Sequence[str]) -> pathlib.Path:
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of ``main.py`` and ``cvt-train``."""
+    # TensorFlow's C++ start-up notes (oneDNN, CPU features) are not for this console; warnings still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     argv = list(sys.argv if argv is None else argv)
     verbose = "--verbose" in argv
 
@@ -285,12 +288,20 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
             raise SystemExit(errors.report(err, verbose=verbose)) from None
 
     def main(args: list[str]) -> None:
+        from cvt_flax import writers
+
+        writers.quiet_console()
         try:
             _main(args)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # noqa: BLE001 - user errors become one message; the rest re-raises
-            raise SystemExit(errors.report(err, log_file=_error_log(argv), verbose=verbose)) from None
+            code = errors.report(err, log_file=_error_log(argv), verbose=verbose)
+            # Leave now: writer threads and exit hooks of the libraries (a TensorBoard writer flushing to a full
+            # disk, Orbax's event loops) would print their own tracebacks of the same failure on the way out.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     app.run(main, argv=argv, flags_parser=parser)
     raise SystemExit(0)

@@ -707,5 +707,10 @@ def _leaves(tree: Any) -> list[np.ndarray]:
     return [tree]
 
 
+def console_main() -> None:
+    """Console entry point (installed as a ``cvt-*`` command): exits with `main`'s status."""
+    raise SystemExit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,11 +16,13 @@ What counts as a user error (`is_user_error`):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pathlib
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import IO
 
 _HERE = pathlib.Path(__file__).resolve()
@@ -120,3 +122,22 @@ def report(exc: BaseException, *, log_file: str | os.PathLike | None = None, ver
     stream.write(f"error: {text}\n")
     stream.flush()
     return EXIT_USER_ERROR
+
+
+@contextlib.contextmanager
+def silenced_stderr() -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null for the block; exceptions raised inside still propagate.
+
+    For output that bypasses every log level: TensorFlow's C++ start-up notes (oneDNN, CPU features), and the
+    tracebacks that Orbax's and TensorStore's threads print while a manager closes after a failed save.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -170,5 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> None:
+    """Console entry point (installed as a ``cvt-*`` command): exits with `main`'s status."""
+    raise SystemExit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())

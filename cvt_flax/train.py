@@ -36,11 +36,12 @@ checkpoint stays the latest.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging as std_logging
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -53,34 +54,15 @@ from absl import logging
 from flax import traverse_util
 
 from cvt_flax import checkpoint as ckpt_lib
-from cvt_flax import data, flops, models, plots, sharding, writers
+from cvt_flax import data, errors, flops, models, plots, sharding, writers
 from cvt_flax import train_utils as tu
+from cvt_flax.errors import UserError
 
 PyTree = Any
 
 SUMMARY_FILE = "summary.json"
 EVAL_FILE = "eval.json"
-CONFIG_FILE = "config.json"
-
-
-class _QuietLibraryInfo(std_logging.Filter):
-    """Drops Orbax's INFO/DEBUG records (several lines per save) and one harmless warning.
-
-    The warning is about the item-level metadata file, which `load_init_from` does not need.
-    """
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if "/orbax/" not in record.pathname.replace(os.sep, "/"):
-            return True
-        if record.levelno < std_logging.WARNING:
-            return False
-        return not str(record.msg).startswith("Metadata file does not exist")
-
-
-def _quiet_library_logs() -> None:
-    handler = logging.get_absl_handler()
-    if not any(isinstance(f, _QuietLibraryInfo) for f in handler.filters):
-        handler.addFilter(_QuietLibraryInfo())
+PARAMETERS_FILE = "parameters.txt"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -260,12 +242,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ``config.eval_only`` the eval metrics (also ``<workdir>/eval.json``).
     """
     t_start = time.time()
-    _quiet_library_logs()
+    writers.quiet_console()
     validate_config(config)
-    workdir_path = pathlib.Path(workdir).expanduser().absolute()
-    workdir_path.mkdir(parents=True, exist_ok=True)
+    workdir_path = _prepare_workdir(workdir, create=not config.eval_only)
     is_main = jax.process_index() == 0
 
+    # ------------------------------------------------------------------ data, model, schedule
     mesh = sharding.create_mesh()
     info = data.get_dataset_info(config)
     in_chans = int(info.channels)
@@ -276,40 +258,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     model, run = program.model, program.run
     spec = model.spec
-    logging.info(
-        "Dataset %s: %d classes, %d train / %d eval examples, %d channel(s) at %dx%d. Model %s (%s), %d devices, "
-        "%d process(es).",
-        info.name, num_classes, info.num_train_examples, info.num_eval_examples, in_chans, config.image_size,
-        config.image_size, config.model, config.dtype, jax.device_count(), jax.process_count(),
-    )  # fmt: skip
-    logging.info(
-        "Run: %d steps (%.2f epochs of %d steps), batch %d, peak lr %.3g, warmup %d steps, eval every %d, "
-        "checkpoint every %d steps.",
-        run.total_steps, run.total_steps / run.steps_per_epoch, run.steps_per_epoch, config.batch_size,
-        tu.peak_learning_rate(config), run.warmup_steps, run.eval_every_steps, run.checkpoint_every_steps,
-    )  # fmt: skip
-
     num_params = program.num_params
     macs = float(flops.count_macs(spec, config.image_size, num_classes))
-    logging.info("Parameters: %s; %.3f GMACs per image at %d px.", f"{num_params:,}", macs / 1e9, config.image_size)
+    logging.info(
+        "%s: %d classes, %d train / %d eval examples, %d channel(s) at %dx%d. %s (%s parameters, %.3f GMACs per "
+        "image, %s) on %d %s device(s), %d process(es).",
+        info.name, num_classes, info.num_train_examples, info.num_eval_examples, in_chans, config.image_size,
+        config.image_size, config.model, f"{num_params:,}", macs / 1e9, config.dtype, jax.device_count(),
+        jax.devices()[0].platform, jax.process_count(),
+    )  # fmt: skip
+    if not config.eval_only:
+        logging.info(
+            "Plan: %d steps (%.2f epochs of %d), batch %d, peak lr %.3g after %d warmup steps, eval every %d and "
+            "checkpoint every %d steps.",
+            run.total_steps, run.total_steps / run.steps_per_epoch, run.steps_per_epoch, config.batch_size,
+            tu.peak_learning_rate(config), run.warmup_steps, run.eval_every_steps, run.checkpoint_every_steps,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ load checkpoint
     # Resume order (checkpoint.restore_or_initialize): the workdir's latest checkpoint (the whole state), else
     # config.init_from (weights only, head re-initialised for a new class count), else from scratch.
-    ckpts = ckpt_lib.Checkpoints(workdir_path / ckpt_lib.CHECKPOINT_DIR, config.keep_checkpoints)
+    ckpt_dir = workdir_path / ckpt_lib.CHECKPOINT_DIR
+    # An eval-only run creates nothing in the workdir but eval.json.
+    ckpts = (
+        None if config.eval_only and not ckpt_dir.is_dir() else ckpt_lib.Checkpoints(ckpt_dir, config.keep_checkpoints)
+    )
     # SIGTERM from here on (compilation included) stops the run cleanly after its next step, with a checkpoint.
     stop_flag = _StopFlag().install()
     try:
         start = ckpt_lib.restore_or_initialize(config, program, mesh, ckpts, workdir_path)
         state, best = start.state, start.best
-        if is_main:
-            _log_parameter_overview(state.params)
 
-        eval_fn = program.eval_step
         if config.eval_only:
-            eval_metrics = tu.evaluate(eval_fn, state.eval_variables(), data.create_eval_iterator(config, mesh))
+            eval_metrics = tu.evaluate(
+                program.eval_step, state.eval_variables(), data.create_eval_iterator(config, mesh)
+            )
             result = {
-                "step": int(state.step),
+                "step": start.source_step,
                 "dataset": config.dataset,
                 "split": config.eval_split,
                 "model": config.model,
@@ -317,28 +302,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 **eval_metrics,
             }
             logging.info(
-                "Eval (%s, %d examples): loss %.4f, top-1 %.4f, top-5 %.4f.", config.eval_split,
+                "Eval of %s (step %s) on %s (%d examples): loss %.4f, top-1 %.4f, top-5 %.4f.", start.path,
+                start.source_step if start.source_step is not None else "?", config.eval_split,
                 eval_metrics["count"], eval_metrics["loss"], eval_metrics["accuracy"], eval_metrics["top5_accuracy"],
             )  # fmt: skip
             if is_main:
+                workdir_path.mkdir(parents=True, exist_ok=True)
                 _write_json(workdir_path / EVAL_FILE, result)
             return result
 
+        # The config and inputs are valid and the state is restored: only now does this run write its files.
+        if start.source == "checkpoint":
+            ckpt_lib.check_resume_config(config, workdir_path, int(state.step), info.num_train_examples)
+        if is_main:
+            ckpt_lib.save_run_config(config, workdir_path, int(state.step))
+            _write_parameter_overview(workdir_path / PARAMETERS_FILE, state.params)
+        assert ckpts is not None  # only eval-only runs go without
         return _train_loop(
             config, workdir_path, state, program, mesh, ckpts, best, info, macs, t_start, stop_flag,
         )  # fmt: skip
     finally:
         stop_flag.uninstall()
-        ckpts.close()
+        if ckpts is not None:
+            if sys.exc_info()[0] is None:
+                ckpts.close()
+            else:  # the run is failing (e.g. a full disk): its error is reported once, not echoed by every thread
+                with contextlib.suppress(Exception), errors.silenced_stderr():
+                    ckpts.close()
 
 
-def _log_parameter_overview(params: PyTree) -> None:
+def _prepare_workdir(workdir: str | os.PathLike, *, create: bool) -> pathlib.Path:
+    """The absolute workdir; created and checked writable (one clear message when it cannot be) unless eval-only."""
+    path = pathlib.Path(workdir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--workdir={workdir} is a file, but a folder is needed. Choose another --workdir.")
+    if not create:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test.{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"Cannot write to --workdir={path} ({e.strerror or e}). Choose a folder you can write to."
+        ) from e
+    return path
+
+
+def _write_parameter_overview(path: pathlib.Path, params: PyTree) -> None:
+    """The parameter table (shapes, sizes, statistics) as a file of the workdir, not on the console."""
     try:
         from clu import parameter_overview
 
-        parameter_overview.log_parameter_overview(params)
+        text = parameter_overview.get_parameter_overview(params)
     except Exception as e:  # The overview is a convenience only.
-        logging.info("No parameter overview (%s).", e)
+        text = f"No parameter overview ({e})."
+    path.write_text(text + "\n")
 
 
 def _train_loop(
@@ -363,8 +383,6 @@ def _train_loop(
     writer = writers.create_default_writer(workdir, just_logging=not is_main)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flat_config(config).items() if v is not None})
-    if is_main:
-        _write_json(workdir / CONFIG_FILE, config.to_dict())
 
     actions = _periodic_actions(config, writer, run.total_steps, str(workdir))
     reporter = writers.ProgressReporter(run.total_steps, config.batch_size, start_step)
@@ -397,6 +415,10 @@ def _train_loop(
     for step in range(start_step + 1, run.total_steps + 1):
         batch = next(train_iter)
         state, metrics = train_step(state, batch)
+        if step == start_step + 1:
+            jax.block_until_ready(metrics)  # the first step compiles: speed and ETA are measured from here
+            reporter.first_step_done(step)
+        reporter.tick(step)
         train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
         for action in actions:
             action(step)
@@ -417,12 +439,16 @@ def _train_loop(
                    "epoch": epoch},
             )  # fmt: skip
             history.append({"step": step, "epoch": epoch, "split": "train", **values, **speed})
+            rate = (
+                f"{speed['steps_per_sec']:.2f} steps/s, {speed['images_per_sec']:.0f} img/s, ETA "
+                f"{writers.format_duration(speed['eta_seconds'])}"
+                if speed["steps_per_sec"] > 0
+                else "compiled"
+            )
             logging.info(
-                "step %d/%d (epoch %.2f) | loss %.4f  acc %.4f  lr %.3g  grad-norm %.3g | %.2f steps/s, "
-                "%.0f img/s, ETA %s",
+                "step %d/%d (epoch %.2f) | loss %.4f  acc %.4f  lr %.3g  grad-norm %.3g | %s",
                 step, run.total_steps, epoch, values["loss"], values["accuracy"], values["learning_rate"],
-                values["grad_norm"], speed["steps_per_sec"], speed["images_per_sec"],
-                writers.format_duration(speed["eta_seconds"]),
+                values["grad_norm"], rate,
             )  # fmt: skip
 
         # Stop requests are combined over processes at log steps (every step on one process).
@@ -436,6 +462,7 @@ def _train_loop(
 
         eval_metrics = None
         if step % run.eval_every_steps == 0 or is_last:
+            reporter.clear_bar()
             with reporter.timed("eval"):
                 eval_metrics = tu.evaluate(eval_fn, state.eval_variables(), eval_iter)
             last_eval = {"step": step, **eval_metrics}

@@ -1,0 +1,172 @@
+"""main.py as a user meets it: every user error is one message and exit status 2, never a traceback; --help works.
+
+Each case is a real `python main.py ...` process. A case that printed a traceback, exited 0 or 1, or said more than
+one `error:` line fails; so does a message that does not name its cause and fix (the `expect` fragments).
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cvt_flax import errors
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def main_py(*args, env=None, timeout=180):
+    cmd = [sys.executable, str(REPO / "main.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env or ENV, timeout=timeout)
+
+
+def assert_one_message(proc, *expect):
+    err = proc.stderr
+    assert proc.returncode == errors.EXIT_USER_ERROR, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    message = err[err.index("error: ") :]
+    for fragment in expect:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+SMOKE = ["--config=configs/smoke.py:dataset=fashion_mnist", "--config.num_channels=3"]
+
+
+@pytest.fixture(scope="module")
+def digits_with_a_corrupt_png(shared_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    shutil.copytree(shared_dir / "data" / "digits", root, dirs_exist_ok=True)
+    bad = sorted((root / "train" / "3").glob("*.png"))[0]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    return root, bad
+
+
+CASES = {
+    # flags and config files
+    "config argument typo": (
+        ["--config=configs/fashion_mnist.py:epoch=1"],
+        ["Unknown config argument 'epoch'", "epochs"],
+    ),
+    "unknown flag": (["--config=configs/smoke.py", "--epochs=3"], ["Unknown flag --epochs", "--config.num_epochs"]),
+    "value of the wrong type": (["--config=configs/smoke.py", "--config.num_epochs=abc"], ["num_epochs=abc", "float"]),
+    "unknown config field": (["--config=configs/smoke.py", "--config.lerning_rate=1"], ["--config.learning_rate"]),
+    "missing config file": (["--config=configs/nope.py"], ["configs/nope.py does not exist", "fashion_mnist.py"]),
+    "missing workdir": (["--config=configs/smoke.py", "NOWORKDIR"], ["--workdir must have a value"]),
+    # inputs
+    "unknown variant": ([*SMOKE, "--config.model=cvt_99"], ["cvt_99", "cvt_13"]),
+    "unknown dataset": ([*SMOKE, "--config.dataset=nope9"], ["Unknown dataset 'nope9'", "image_folder"]),
+    "batch size": ([*SMOKE, "--config.batch_size=0"], ["--config.batch_size=0", "multiple"]),
+    "image too small": ([*SMOKE, "--config.model=cvt_13", "--config.image_size=2"], ["image_size=2", "at least 3"]),
+    "missing data dir": ([*SMOKE, "--config.data_dir=/nonexistent/tfds", "--config.download=False"], ["nonexistent"]),
+    "bad init_from": ([*SMOKE, "--config.init_from=/nonexistent/run"], ["init_from", "does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_error_is_one_message(case, shared_dir, tmp_path):
+    args, expect = CASES[case]
+    workdir = [] if "NOWORKDIR" in args else [f"--workdir={tmp_path / 'run'}"]
+    args = [a for a in args if a != "NOWORKDIR"]
+    assert_one_message(main_py(*args, *workdir), *expect)
+    assert not (tmp_path / "run" / "config.json").exists()  # a failed start writes nothing of a run
+
+
+def test_file_system_errors(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    assert_one_message(main_py(*SMOKE, f"--workdir={a_file}"), str(a_file), "is a file")
+    if os.access("/sys/fs", os.W_OK) and not os.path.exists("/sys/fs/cvt_flax_test"):
+        try:
+            os.mkdir("/sys/fs/cvt_flax_test")
+        except OSError:
+            assert_one_message(main_py(*SMOKE, "--workdir=/sys/fs/cvt_flax_test"), "/sys/fs/cvt_flax_test")
+        else:
+            os.rmdir("/sys/fs/cvt_flax_test")
+            pytest.skip("/sys/fs is writable here")
+
+
+def test_empty_and_corrupt_image_folders(digits_with_a_corrupt_png, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    base = ["--config=configs/smoke.py", "--config.dataset=image_folder", "--config.image_size=8",
+            "--config.num_channels=1", f"--workdir={tmp_path / 'run'}"]  # fmt: skip
+    assert_one_message(main_py(*base, f"--config.data_dir={empty}"), "No images found", str(empty))
+    root, bad = digits_with_a_corrupt_png
+    message = assert_one_message(main_py(*base, f"--config.data_dir={root}"), str(bad), "cannot be read")
+    assert "Remove or replace" in message
+
+
+def test_help_lists_the_configs_and_exits_0():
+    proc = main_py("--help")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("configs/fashion_mnist.py", "configs/imagenet.py", "--config.batch_size", "--workdir"):
+        assert name in proc.stdout
+
+
+def test_verbose_shows_the_traceback_and_the_log_keeps_it(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    proc = main_py(*SMOKE, f"--workdir={workdir}", "--config.dataset=nope9", "--verbose")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "error: Unknown dataset" in proc.stderr
+    assert "DatasetError" in (workdir / "error.log").read_text()
+
+
+def test_internal_errors_keep_their_traceback():
+    import numpy as np
+
+    try:
+        np.zeros(3).reshape(2, 2)
+    except ValueError as e:
+        assert not errors.is_user_error(e)  # raised inside numpy: a bug of ours, not the user's
+    with pytest.raises(ValueError):
+        errors.report(ValueError("internal"))  # raised here (tests/), not by cvt_flax: re-raised
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_message_and_the_saved_checkpoints_stay(shared_dir, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        args = [*SMOKE, f"--workdir={mnt / 'run'}", f"--config.data_dir={shared_dir / 'tfds'}"]
+        assert_one_message(main_py(*args), "No space left", "steps [2]", "stay restorable")
+        subprocess.run(["mount", "-o", "remount,size=20m", str(mnt)], check=True)
+        proc = main_py(*args)
+        assert proc.returncode == 0 and f"Resumed from {mnt / 'run' / 'checkpoints' / '2'}" in proc.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_resume_with_another_recipe_needs_the_switch(shared_dir, tmp_path):
+    args = [*SMOKE, f"--workdir={tmp_path / 'run'}", f"--config.data_dir={shared_dir / 'tfds'}"]
+    first = main_py(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert_one_message(main_py(*args, "--config.num_train_steps=6"), "num_train_steps: 4 -> 6", "allow_recipe_change")
+    assert_one_message(main_py(*args, "--config.act=gelu"), "act: 'quick_gelu' -> 'gelu'", "new --workdir")
+    again = main_py(*args, "--config.num_train_steps=6", "--config.allow_recipe_change=True")
+    assert again.returncode == 0 and "Resuming at step 4 with a changed recipe" in again.stderr
+    assert (tmp_path / "run" / "config.step4.json").is_file()  # the earlier config is kept
+
+
+def test_the_package_is_installed_with_its_commands(tmp_path):
+    """The README's commands install the project (pip install -e .): importable anywhere, cvt-* commands on PATH."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import cvt_flax, cvt_flax.cli; print(cvt_flax.__file__)"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, "cvt_flax is not installed: run `pip install -e .` (README, Set up)\n" + proc.stderr
+    bindir = pathlib.Path(sys.executable).parent
+    for command in ("cvt-train", "cvt-convert", "cvt-predict", "cvt-export"):
+        assert (bindir / command).exists(), f"{command} is not installed: run `pip install -e .`"
+    proc = subprocess.run([str(bindir / "cvt-train"), "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "configs/fashion_mnist.py" in proc.stdout, proc.stderr
