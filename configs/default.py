@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Splits (TFDS split syntax, e.g. 'train[:90%]').
     config.train_split = "train"
     config.eval_split = "test"
+    # Few-shot training: this many images of each class from the train split of an
+    # image folder (0: the whole split), drawn with train_subset_seed.
+    config.train_examples_per_class = 0
+    config.train_subset_seed = 0
     # Side length of the (square) model input; images are resized/cropped to it.
     config.image_size = 32
     # Channels fed to the model: 3 (grayscale images are tiled) or 1 (RGB images

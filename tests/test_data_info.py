@@ -148,3 +148,37 @@ def test_batch_size_checks():
 def test_num_channels_validation():
     with pytest.raises(ValueError, match="num_channels"):
         info_lib.model_channels(ml_collections.ConfigDict({"num_channels": 2}), 3)
+
+
+def test_few_shot_subset_of_an_image_folder(shared_dir):
+    from configs import default
+
+    def cfg(**kw):
+        c = default.get_config()
+        c.dataset, c.data_dir, c.train_split, c.eval_split = (
+            "image_folder",
+            str(shared_dir / "data" / "digits"),
+            "train",
+            "test",
+        )
+        for k, v in kw.items():
+            c[k] = v
+        return c
+
+    full = info_lib.open_source(cfg())
+    few = info_lib.open_source(cfg(train_examples_per_class=10))
+    assert few.split_sizes["train"] == 100 and few.split_sizes["test"] == full.split_sizes["test"]
+    labels = [label for _, label in few.files["train"]]
+    assert sorted(labels) == sorted(list(range(10)) * 10)
+    assert set(few.files["train"]) <= set(full.files["train"])
+    again = info_lib.open_source(cfg(train_examples_per_class=10, learning_rate=0.5))  # other fields: same draw
+    assert again.files["train"] == few.files["train"]
+    other = info_lib.open_source(cfg(train_examples_per_class=10, train_subset_seed=1))
+    assert set(other.files["train"]) != set(few.files["train"])
+    assert data.get_dataset_info(cfg(train_examples_per_class=10)).num_train_examples == 100
+    with pytest.raises(data.DatasetError, match="fewer images"):
+        info_lib.open_source(cfg(train_examples_per_class=1000))
+    with pytest.raises(data.DatasetError, match="image folder"):
+        info_lib.open_source(
+            ml_collections.ConfigDict({**default.get_config().to_dict(), "train_examples_per_class": 5})
+        )

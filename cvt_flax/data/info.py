@@ -239,7 +239,12 @@ def open_source(config: Any, *, for_device: bool = False) -> Source:
     name = str(config.dataset)
     data_dir = config.data_dir or None
     if name == IMAGE_FOLDER:
-        return _open_image_folder(data_dir)
+        return few_shot_subset(_open_image_folder(data_dir), config)
+    if int(config.train_examples_per_class) > 0:
+        raise DatasetError(
+            f"--config.train_examples_per_class={config.train_examples_per_class} picks a few-shot subset of an "
+            "image folder; use it with --config.dataset=image_folder (or set it to 0 for the whole split)."
+        )
     import tensorflow_datasets as tfds  # TF-free import
 
     try:
@@ -304,6 +309,44 @@ def open_source(config: Any, *, for_device: bool = False) -> Source:
         num_classes=num_classes,
         image_shape=(shape[0] if len(shape) == 3 else None, shape[1] if len(shape) == 3 else None, channels),
         builder=builder,
+    )
+
+
+def few_shot_subset(source: Source, config: Any) -> Source:
+    """A few-shot subset: ``config.train_examples_per_class`` images per class of an image folder's train split.
+
+    Drawn with ``config.train_subset_seed`` (0 images: the whole split); the same subset for the same seed,
+    whatever else the config says, so that fine-tuning and training from scratch see the same images.
+
+    Raises:
+      DatasetError: for a train split that is not a plain folder name, or a class with too few images.
+    """
+    n = int(config.train_examples_per_class)
+    if n <= 0:
+        return source
+    assert source.files is not None
+    split = str(config.train_split)
+    if split not in source.files:
+        raise DatasetError(
+            f"--config.train_examples_per_class needs --config.train_split to name one folder of the image folder "
+            f"({', '.join(sorted(source.files))}); got {split!r}."
+        )
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for path, label in sorted(source.files[split]):
+        by_class.setdefault(label, []).append((path, label))
+    short = {source.class_names[c]: len(v) for c, v in by_class.items() if len(v) < n} if source.class_names else {}
+    if short or len(by_class) < source.num_classes:
+        raise DatasetError(
+            f"--config.train_examples_per_class={n}: some classes of {split!r} have fewer images ({short or 'none'}); "
+            "choose a smaller number."
+        )
+    rng = random.Random(int(config.train_subset_seed))
+    subset = []
+    for label in sorted(by_class):
+        subset += rng.sample(by_class[label], n)
+    rng.shuffle(subset)
+    return dataclasses.replace(
+        source, files={**source.files, split: subset}, split_sizes={**source.split_sizes, split: len(subset)}
     )
 
 
