@@ -161,6 +161,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Initialise from this checkpoint when the workdir has none: a cvt-flax
     # workdir or checkpoint directory, or the output of `python -m cvt_flax.convert`.
     config.init_from = ""
+    # With init_from: a new, freshly initialised classifier head even when the
+    # pretrained one has as many classes (a new task); otherwise only when the
+    # class count differs.
+    config.new_head = False
     # Fine-tuning configs set this: fail (instead of training from scratch) when
     # init_from is empty and the workdir has no checkpoint to resume.
     config.require_init_from = False

@@ -69,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.act = args["act"]
     # Refuse to train from scratch: init_from (or a checkpoint to resume) is required.
     config.require_init_from = True
+    # A new task: a fresh classifier head even when the classes are as many as the source's.
+    config.new_head = True
 
     # ------------------------------------------------------------ data
     # Pretrained models take RGB (default.py's 3 channels): grayscale datasets are tiled.

@@ -705,6 +705,7 @@ def merge_pretrained(
     info: Mapping[str, Any] | None = None,
     model_name: str = "",
     head: str = weights.CLASSIFIER,
+    new_head: bool = False,
 ) -> tuple[dict[str, PyTree], bool]:
     """Copies pretrained variables into freshly initialised ones, keeping the fresh head when it differs.
 
@@ -714,6 +715,7 @@ def merge_pretrained(
       info: Description of the pretrained model (for error messages).
       model_name: ``config.model`` (for error messages).
       head: Top-level name of the classifier head.
+      new_head: Keep the fresh head even when the pretrained one fits (a new task with as many classes).
 
     Returns:
       ``(variables, head_reinitialised)``; values take ``target``'s dtypes.
@@ -721,7 +723,7 @@ def merge_pretrained(
     Raises:
       ValueError: as `check_pretrained`.
     """
-    head_reinit = check_pretrained(target, loaded, info=info, model_name=model_name, head=head)
+    head_reinit = check_pretrained(target, loaded, info=info, model_name=model_name, head=head) or new_head
     flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
     out = {}
     for k, v in flat_t.items():
@@ -739,7 +741,9 @@ def apply_init_from(
 ) -> TrainState:
     """Copies checked pretrained variables into a freshly initialised state (new head when needed)."""
     target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    merged, head_reinit = merge_pretrained(target, loaded, info=info, model_name=config.model)
+    merged, head_reinit = merge_pretrained(
+        target, loaded, info=info, model_name=config.model, new_head=bool(config.new_head)
+    )
     act = info.get("act")
     if act and act != config.act:
         logging.warning(
@@ -749,8 +753,9 @@ def apply_init_from(
         )  # fmt: skip
     if head_reinit:
         logging.info(
-            "init_from: new classifier head (checkpoint: %s classes, now %s).",
+            "init_from: new classifier head (checkpoint: %s classes, now %s%s).",
             info.get("num_classes", "?"), merged["params"][weights.CLASSIFIER]["kernel"].shape[-1],
+            "; --config.new_head" if config.new_head else "",
         )  # fmt: skip
     merged = sharding.replicate(merged, mesh)
     state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))

@@ -250,8 +250,12 @@ def test_merge_pretrained_replaces_a_different_head():
     assert reinit and merged["params"]["head"]["kernel"].shape == (48, 10)
     assert np.all(merged["params"]["stage0"]["patch_embed"]["proj"]["kernel"] == 3)
     assert np.all(merged["batch_stats"]["stage0"]["bn"]["mean"] == 2)
-    merged, reinit = ckpt_lib.merge_pretrained(target, _vars(10))
-    assert not reinit
+    same = _vars(10)
+    same["params"]["head"]["kernel"] += 1.0
+    merged, reinit = ckpt_lib.merge_pretrained(target, same)
+    assert not reinit and np.array_equal(merged["params"]["head"]["kernel"], same["params"]["head"]["kernel"])
+    merged, reinit = ckpt_lib.merge_pretrained(target, same, new_head=True)  # a new task with as many classes
+    assert reinit and np.array_equal(merged["params"]["head"]["kernel"], target["params"]["head"]["kernel"])
 
 
 def test_check_pretrained_names_mismatches():
