@@ -29,9 +29,7 @@ import dataclasses
 import errno
 import json
 import os
-import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -42,10 +40,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
-from cvt_flax import sharding
+from cvt_flax import paths, sharding
 from cvt_flax.errors import UserError
 from cvt_flax.models import weights
 
@@ -92,11 +91,14 @@ def save_model(
     model_info: Mapping[str, Any],
     *,
     overwrite: bool = True,
-) -> pathlib.Path:
+) -> epath.Path:
     """Writes a model checkpoint (Orbax variables + ``model.json``).
 
+    With several processes (`jax.distributed`), every process must call it (Orbax's save is collective); process 0
+    alone writes ``model.json``.
+
     Args:
-      directory: Output directory (created; parents too).
+      directory: Output directory (created; parents too), local or ``gs://``.
       variables: ``{'params': ..., 'batch_stats': ...}`` (jax or numpy arrays;
         other collections are ignored; ``batch_stats`` may be absent).
       model_info: Description of the model; must hold ``spec`` (a `CvTSpec` or
@@ -114,7 +116,7 @@ def save_model(
     """
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.as_path(directory)
     if "params" not in variables:
         raise ValueError(f"save_model needs variables with a 'params' collection; got {sorted(variables)}.")
     info = _json_ready(model_info)
@@ -129,16 +131,15 @@ def save_model(
     target = directory / VARIABLES_DIR
     if target.exists() and not overwrite:
         raise FileExistsError(f"{directory} already holds a model checkpoint; pass overwrite=True to replace it.")
-    directory.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        paths.makedirs(directory)
     tree = {c: _to_numpy_tree(variables.get(c, {})) for c in COLLECTIONS}
-    # Orbax writes into a temporary directory and renames it when complete.
+    # Orbax writes into a temporary directory and renames it when complete (on Cloud Storage: writes in place and
+    # marks the end with commit_success.txt).
     ocp.PyTreeCheckpointer().save(target, tree, force=True)
     # model.json is written last (atomically), so its presence marks a complete checkpoint.
-    fd, tmp = tempfile.mkstemp(prefix=".model.json.", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, directory / INFO_FILE)
+    if jax.process_index() == 0:
+        paths.write_text(directory / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -149,7 +150,7 @@ def read_model_info(directory: str | os.PathLike) -> dict[str, Any]:
       FileNotFoundError: when ``directory`` is missing or is not a cvt-flax model
         checkpoint (says what was expected and how to make one).
     """
-    directory = pathlib.Path(directory)
+    directory = paths.as_path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(
             f"No cvt-flax model checkpoint at {directory}: the directory does not exist. {_HOW_TO_MAKE}"
@@ -194,7 +195,7 @@ def load_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     """
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.as_path(directory)
     info = read_model_info(directory)
     target = directory / VARIABLES_DIR
     if not target.is_dir():
@@ -247,8 +248,8 @@ def _state_dict(state: TrainState) -> dict[str, Any]:
 class DamagedCheckpointError(UserError):
     """A checkpoint whose files cannot be read back (truncated, missing or corrupt)."""
 
-    def __init__(self, path: pathlib.Path, cause: Any, message: str | None = None):
-        self.path = pathlib.Path(path)
+    def __init__(self, path: epath.PathLike, cause: Any, message: str | None = None):
+        self.path = epath.Path(path)
         reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
         first = reason.strip().splitlines()[0] if reason.strip() else ""
         super().__init__(message or f"The checkpoint {self.path} is damaged and cannot be restored ({first[:300]}).")
@@ -295,8 +296,8 @@ def _is_disk_full(err: BaseException | None) -> bool:
     return False
 
 
-def _dir_size(path: pathlib.Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+def _dir_size(path: epath.Path) -> int:
+    return sum(p.stat().length for p in paths.files_under(path)) if path.is_dir() else 0
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -308,7 +309,9 @@ class Checkpoints:
 
     One `ocp.CheckpointManager` with a preservation policy that keeps a checkpoint
     when either ``LatestN(keep)`` or ``BestN(accuracy, n=1)`` keeps it. Saves are
-    asynchronous and atomic (temporary directory, renamed when complete).
+    asynchronous and atomic (temporary directory, renamed when complete; on Cloud
+    Storage, written in place and marked complete by ``commit_success.txt``). Every
+    process of a multi-process run takes part in each save and restore.
 
     The state is replicated; Orbax's default "replica-parallel" writing would cut
     every array into one slice per device with eager ops (seconds per save for a
@@ -325,7 +328,7 @@ class Checkpoints:
             ]
         )
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True, create=True)
-        self.directory = pathlib.Path(directory)
+        self.directory = paths.as_path(directory)
         registry = ocp.type_handlers.create_type_handler_registry(
             (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False))
         )
@@ -510,10 +513,10 @@ class Checkpoints:
         for err in damaged:
             target = aside / err.path.name
             try:
-                aside.mkdir(parents=True, exist_ok=True)
+                paths.makedirs(aside)
                 if target.exists():
                     target = aside / f"{err.path.name}.{int(time.time())}"
-                err.path.rename(target)
+                paths.rename(err.path, target)
                 logging.warning("Moved the damaged checkpoint %s to %s (not deleted).", err.path, target)
             except OSError as e:
                 logging.warning("Could not move the damaged checkpoint %s aside (%s).", err.path, e)
@@ -536,7 +539,7 @@ def _arch(value: Any) -> Any:
     return value
 
 
-def restore_raw(step_dir: pathlib.Path) -> dict[str, Any]:
+def restore_raw(step_dir: epath.Path) -> dict[str, Any]:
     """Restores a training checkpoint's ``state`` item as numpy arrays (no target, no devices)."""
     item = step_dir / "state"
     ckptr = ocp.PyTreeCheckpointer()
@@ -546,10 +549,15 @@ def restore_raw(step_dir: pathlib.Path) -> dict[str, Any]:
     return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def _numeric_dirs(path: pathlib.Path) -> list[int]:
+def _numeric_dirs(path: epath.Path) -> list[int]:
+    """Steps of the complete train-state checkpoints in ``path`` (on Cloud Storage, unfinished ones are skipped)."""
     if not path.is_dir():
         return []
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir())
+    return sorted(
+        int(p.name)
+        for p in path.iterdir()
+        if p.name.isdigit() and p.is_dir() and (p / "state").is_dir() and ocp.step.is_checkpoint_finalized(p)
+    )
 
 
 INIT_FROM_HELP = (
@@ -575,7 +583,7 @@ def load_init_from(path: str) -> tuple[dict[str, PyTree], dict[str, Any]]:
     Raises:
       ValueError: when the path holds none of these.
     """
-    p = pathlib.Path(path).expanduser().absolute()
+    p = paths.as_path(path)
     if not p.exists():
         from cvt_flax import pretrained
 
@@ -583,7 +591,7 @@ def load_init_from(path: str) -> tuple[dict[str, PyTree], dict[str, Any]]:
             raise ValueError(f"--config.init_from={path!r} does not exist. {INIT_FROM_HELP}")
         p = pretrained.resolve_hub(path)  # the converted model directory (PretrainedError says the fix)
 
-    def from_step_dir(step_dir: pathlib.Path) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    def from_step_dir(step_dir: epath.Path) -> tuple[dict[str, PyTree], dict[str, Any]]:
         raw = restore_raw(step_dir)
         meta_file = step_dir / "meta" / "metadata"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
@@ -954,7 +962,7 @@ def check_resume_config(
       CheckpointMismatchError: identity changes.
       UserError: recipe changes without ``allow_recipe_change``.
     """
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    path = paths.as_path(workdir) / CONFIG_FILE
     if not path.is_file():
         return
     try:
@@ -996,13 +1004,11 @@ def check_resume_config(
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int) -> None:
     """Writes ``config.json`` (atomically), keeping a differing previous one as ``config.step<N>.json``."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    path = paths.as_path(workdir) / CONFIG_FILE
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
     if path.is_file():
         old = path.read_text()
         if old == text:
             return
-        path.with_name(f"config.step{step}.json").write_text(old)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        paths.write_text(path.with_name(f"config.step{step}.json"), old)
+    paths.write_text(path, text)

@@ -39,7 +39,9 @@ _NOT_CONFIGS = ("config_args.py", "offline_data.py", "__init__.py")
 def _define_flags() -> None:
     if "workdir" in FLAGS:
         return
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics and the run summary.")
+    flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, logs, metrics and the run summary (local or gs://bucket/path)."
+    )
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; auto-detected on pods).")
     flags.DEFINE_bool("verbose", False, "Print tracebacks of user errors (they always go to <workdir>/error.log).")
     config_flags.DEFINE_config_file("config", None, "Training configuration file (configs/*.py[:args]).")
@@ -107,7 +109,8 @@ def help_text(argv: Sequence[str] = ()) -> str:
         "",
         "Flags:",
         "  --config       the config file, optionally with ':key=value,...' options",
-        "  --workdir      folder for checkpoints, logs, metrics.jsonl, summary.json, curves.png (required)",
+        "  --workdir      folder for checkpoints, logs, metrics.jsonl, summary.json, curves.png (required); local or",
+        "                 gs://bucket/path (Cloud Storage, e.g. on Cloud TPU; pip install 'cvt-flax[gcs]')",
         "  --distributed  call jax.distributed.initialize() (auto-detected on TPU pods, SLURM, Open MPI)",
         "  --verbose      print tracebacks of user errors (always written to <workdir>/error.log)",
     ]
@@ -267,9 +270,14 @@ def _main(argv: Sequence[str]) -> None:
 
 
 def _error_log(argv: Sequence[str]) -> pathlib.Path:
-    """Where a user error's traceback goes: ``<workdir>/error.log`` when the workdir is a folder, else a temp file."""
+    """Where a user error's traceback goes: ``<workdir>/error.log`` for a local workdir folder, else a temp file.
+
+    A Cloud Storage workdir (``gs://``) gets no error.log: the error may be that it cannot be reached.
+    """
+    from cvt_flax import paths
+
     workdir = _flag_value(argv, "workdir")
-    if workdir and "://" not in workdir and pathlib.Path(workdir).expanduser().is_dir():
+    if workdir and not paths.is_remote(workdir) and pathlib.Path(workdir).expanduser().is_dir():
         return pathlib.Path(workdir).expanduser() / "error.log"
     return pathlib.Path(tempfile.gettempdir()) / f"cvt_flax_error_{os.getpid()}.log"
 

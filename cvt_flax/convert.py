@@ -18,6 +18,9 @@ against the Flax model, transposes the weights and writes a model checkpoint
     python -m cvt_flax.convert --input CvT-13-224x224-IN-1k.pth --output /tmp/cvt13
     python -m cvt_flax.convert --input ./cvt-13 --output /tmp/cvt13_hf   # HF directory
     python -m cvt_flax.convert --input microsoft/cvt-13 --output /tmp/cvt13_hub   # HF hub id (cvt_flax.pretrained)
+    python -m cvt_flax.convert --input gs://bucket/CvT-13-224x224-IN-1k.pth --output gs://bucket/models/cvt13
+
+Inputs and outputs may be local or on Cloud Storage (``gs://``, see `cvt_flax.paths`).
 
 The model directory also records the class names and the preprocessing the checkpoint expects
 (`cvt_flax.metadata`).
@@ -30,16 +33,18 @@ ones (the HF port computes exact GELU); ``--act`` overrides it.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import pathlib
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from cvt_flax import errors, metadata
+from cvt_flax import errors, metadata, paths
 from cvt_flax.models.spec import ACTIVATIONS, CvTSpec
 from cvt_flax.models.weights import (
     detect_source,
@@ -435,7 +440,7 @@ def _import_torch() -> Any:
     return torch
 
 
-def _unwrap(obj: Any, path: pathlib.Path) -> dict[str, Any]:
+def _unwrap(obj: Any, path: epath.Path) -> dict[str, Any]:
     """Finds the parameter dict in a loaded checkpoint object and strips ``module.`` prefixes."""
     for _ in range(3):
         if not isinstance(obj, Mapping):
@@ -458,19 +463,22 @@ def _unwrap(obj: Any, path: pathlib.Path) -> dict[str, Any]:
     return state
 
 
-def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def _load_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
+    from safetensors import numpy as st_numpy
 
+    # safetensors maps local files; a Cloud Storage object is read into memory.
+    data = paths.read_bytes(path) if paths.is_remote(path) else None
     try:
-        return load_file(str(path))
+        return st_numpy.load(data) if data is not None else st_numpy.load_file(os.fspath(path))
     except (TypeError, ValueError):  # e.g. bfloat16, which numpy lacks
         torch = _import_torch()  # noqa: F841
-        from safetensors.torch import load_file as load_torch
+        from safetensors import torch as st_torch
 
-        return {k: _as_numpy(v) for k, v in load_torch(str(path)).items()}
+        tensors = st_torch.load(data) if data is not None else st_torch.load_file(os.fspath(path))
+        return {k: _as_numpy(v) for k, v in tensors.items()}
 
 
-def _weights_file(directory: pathlib.Path) -> list[pathlib.Path]:
+def _weights_file(directory: epath.Path) -> list[epath.Path]:
     """The weight file(s) of a checkpoint directory (HuggingFace names first)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -490,13 +498,14 @@ def _weights_file(directory: pathlib.Path) -> list[pathlib.Path]:
     )
 
 
-def load_torch_checkpoint(path: str | pathlib.Path, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+def load_torch_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a PyTorch CvT checkpoint into ``{name: numpy array}``.
 
     Args:
       path: A ``.pth``/``.pt``/``.bin`` (torch.save) or ``.safetensors`` file, or a
         directory holding one (HuggingFace ``model.safetensors`` /
-        ``pytorch_model.bin``, sharded safetensors, or a single weight file).
+        ``pytorch_model.bin``, sharded safetensors, or a single weight file);
+        local or ``gs://``.
         Wrappers ``{'state_dict': ...}``/``{'model': ...}`` and ``module.``
         prefixes are removed.
       trust_pickle: Load torch files with ``weights_only=False`` (runs arbitrary
@@ -509,7 +518,7 @@ def load_torch_checkpoint(path: str | pathlib.Path, *, trust_pickle: bool = Fals
       FileNotFoundError: for a missing path or a directory without weights.
       ImportError: when a torch file is given and PyTorch is not installed.
     """
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"No checkpoint at {path}. Pass a .pth/.bin/.safetensors file or a HuggingFace directory."
@@ -522,7 +531,8 @@ def load_torch_checkpoint(path: str | pathlib.Path, *, trust_pickle: bool = Fals
             continue
         torch = _import_torch()
         try:
-            obj = torch.load(str(f), map_location="cpu", weights_only=not trust_pickle)
+            source = io.BytesIO(paths.read_bytes(f)) if paths.is_remote(f) else os.fspath(f)
+            obj = torch.load(source, map_location="cpu", weights_only=not trust_pickle)
         except Exception as e:  # pickle.UnpicklingError and friends
             if trust_pickle:
                 raise
@@ -535,9 +545,9 @@ def load_torch_checkpoint(path: str | pathlib.Path, *, trust_pickle: bool = Fals
     return state
 
 
-def find_hf_config(path: str | pathlib.Path) -> dict[str, Any] | None:
+def find_hf_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The HuggingFace ``config.json`` in a checkpoint directory or next to a weight file (None if absent)."""
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     candidate = (path if path.is_dir() else path.parent) / "config.json"
     if not candidate.is_file():
         return None
@@ -546,14 +556,14 @@ def find_hf_config(path: str | pathlib.Path) -> dict[str, Any] | None:
 
 
 def convert_checkpoint(
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     model: str | CvTSpec | None = None,
     *,
     source: str | None = None,
     num_classes: int | None = None,
     num_heads: Sequence[int] | None = None,
     act: str | None = None,
-    hf_config: Mapping[str, Any] | str | pathlib.Path | None = None,
+    hf_config: Mapping[str, Any] | str | os.PathLike | None = None,
     trust_pickle: bool = False,
     image_size: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -564,17 +574,17 @@ def convert_checkpoint(
     The info also gets ``class_names``, ``image_size`` and ``preprocessing``
     (`cvt_flax.metadata.converted_metadata`; ``image_size`` forces the resolution).
     """
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     state = load_torch_checkpoint(path, trust_pickle=trust_pickle)
     source = source or detect_source(list(state))
-    if isinstance(hf_config, str | pathlib.Path):
-        hf_config = json.loads(pathlib.Path(hf_config).read_text())
+    if isinstance(hf_config, str | os.PathLike):
+        hf_config = json.loads(paths.as_path(hf_config).read_text())
     elif hf_config is None and source == "hf":
         hf_config = find_hf_config(path)
     variables, info = convert_state_dict(
         state, source, model, num_classes=num_classes, num_heads=num_heads, hf_config=hf_config, act=act
     )
-    info["source_file"] = str(path.resolve())
+    info["source_file"] = str(path if paths.is_remote(path) else path.resolve())
     info.update(metadata.converted_metadata(info, path, hf_config=hf_config, image_size=image_size))
     return variables, info
 
@@ -598,7 +608,7 @@ def _parse_heads(text: str) -> tuple[int, ...]:
 
 def _model_arg(text: str) -> str | CvTSpec:
     """A registered name, or a JSON file with a spec (a `CvTSpec.to_dict()` or a cvt-flax model.json)."""
-    p = pathlib.Path(text)
+    p = paths.as_path(text)
     if text.endswith(".json") and p.is_file():
         d = json.loads(p.read_text())
         return CvTSpec.from_dict(d.get("spec", d))
@@ -621,9 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
         "CvtForImageClassification) into a cvt-flax model checkpoint (Orbax + model.json).",
     )
     parser.add_argument(
-        "--input", required=True, help="A .pth/.bin/.safetensors file, a HuggingFace directory or a hub id (org/name)."
+        "--input",
+        required=True,
+        help="A .pth/.bin/.safetensors file or a HuggingFace directory (local or gs://), or a hub id (org/name).",
     )
-    parser.add_argument("--output", required=True, help="Directory to write (model.json + variables/).")
+    parser.add_argument(
+        "--output", required=True, help="Directory to write (model.json + variables/), local or gs://bucket/..."
+    )
     parser.add_argument(
         "--model",
         type=_model_arg,
@@ -652,7 +666,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cvt_flax.checkpoint import save_model
 
     args = build_parser().parse_args(argv)
-    output = pathlib.Path(args.output)
+    try:
+        output = paths.as_path(args.output)
+    except errors.UserError as e:
+        return errors.report(e)
     if output.exists() and not output.is_dir():
         return errors.report(
             errors.UserError(f"--output {output} is a file; give a directory for the converted model.")
@@ -674,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_size=args.image_size,
     )
     try:
-        if not pathlib.Path(args.input).expanduser().exists() and pretrained.looks_like_hub_id(args.input):
+        if not paths.as_path(args.input).exists() and pretrained.looks_like_hub_id(args.input):
             repo_id, revision = pretrained.split_revision(args.input)
             snapshot, commit = pretrained.hub_snapshot(repo_id, revision)
             variables, info = pretrained.convert_hub_snapshot(snapshot, repo_id, commit, revision, **kwargs)

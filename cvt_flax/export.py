@@ -1,6 +1,7 @@
 """Export a CvT for serving without the training code: `jax.export` (+ optional TF SavedModel through jax2tf).
 
     python -m cvt_flax.export --model microsoft/cvt-13 --output /tmp/cvt13_serving [--saved-model]
+    python -m cvt_flax.export --model gs://bucket/runs/in1k/model --output gs://bucket/serving/in1k
 
 writes::
 
@@ -24,17 +25,17 @@ This module imports flax and the model code only inside `export_model`.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import pathlib
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from cvt_flax import errors, serving
+from cvt_flax import errors, paths, serving
 from cvt_flax.serving import ExportedModel, load_exported
 
 __all__ = ["ExportedModel", "export_model", "load_exported", "main"]
@@ -54,12 +55,12 @@ def export_model(
     saved_model: bool = False,
     overwrite: bool = False,
     **overrides: Any,
-) -> pathlib.Path:
+) -> epath.Path:
     """Exports the inference function of a model to ``output`` (see the module docstring).
 
     Args:
       model: Anything `cvt_flax.from_pretrained` takes, or its ``(model, variables, info)`` result.
-      output: The directory to write (created).
+      output: The directory to write (created), local or ``gs://``.
       platforms: ``jax.export`` platforms (``'cpu'``, ``'cuda'``, ``'rocm'``, ``'tpu'``); default: this machine's,
         CPU and CUDA.
       saved_model: Also write a TF SavedModel (needs TensorFlow).
@@ -80,7 +81,7 @@ def export_model(
     from cvt_flax import metadata
     from cvt_flax.pretrained import from_pretrained
 
-    output = pathlib.Path(output).expanduser()
+    output = paths.as_path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise FileExistsError(f"{output} exists and is not empty; pass --overwrite (overwrite=True) to replace it.")
     if saved_model:
@@ -107,11 +108,13 @@ def export_model(
     exported = jax_export.export(jax.jit(infer), platforms=platforms)(weight_specs, image_spec)
 
     if output.exists() and overwrite:
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+        output.rmtree()
+    paths.makedirs(output)
     (output / serving.EXPORT_FILE).write_bytes(exported.serialize())
-    np.savez(output / serving.WEIGHTS_FILE, **{f"w{i:05d}": x for i, x in enumerate(leaves)})
-    shutil.copyfile(serving.__file__, output / serving.SERVING_FILE)
+    weights = io.BytesIO()  # numpy writes local files only: build the archive, then write it wherever output is
+    np.savez(weights, **{f"w{i:05d}": x for i, x in enumerate(leaves)})
+    (output / serving.WEIGHTS_FILE).write_bytes(weights.getvalue())
+    (output / serving.SERVING_FILE).write_bytes(paths.read_bytes(serving.__file__))
     meta = {
         "format": "cvt-flax-export",
         "format_version": 1,
@@ -132,7 +135,7 @@ def export_model(
     return output
 
 
-def _save_tf(infer: Any, leaves: list[np.ndarray], shape: tuple[int, int, int], directory: pathlib.Path) -> None:
+def _save_tf(infer: Any, leaves: list[np.ndarray], shape: tuple[int, int, int], directory: epath.Path) -> None:
     """A TF SavedModel of ``infer`` (jax2tf), weights as variables, any batch size."""
     import tensorflow as tf
     from jax.experimental import jax2tf
@@ -148,7 +151,7 @@ def _save_tf(infer: Any, leaves: list[np.ndarray], shape: tuple[int, int, int], 
         return {"logits": logits, "probabilities": probs}
 
     module.serve = serve
-    tf.saved_model.save(module, str(directory), signatures={"serving_default": serve})
+    tf.saved_model.save(module, os.fspath(directory), signatures={"serving_default": serve})  # gs:// too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", required=True, help="Hub id (microsoft/cvt-13), model directory, workdir or checkpoint file."
     )
-    parser.add_argument("--output", required=True, help="Directory to write.")
+    parser.add_argument("--output", required=True, help="Directory to write, local or gs://bucket/...")
     parser.add_argument(
         "--platforms",
         default=None,

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from cvt_flax import paths
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -204,7 +207,7 @@ def image_size_from_name(name: str) -> int | None:
 
 def converted_metadata(
     info: Mapping[str, Any],
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     *,
     hf_config: Mapping[str, Any] | None = None,
     image_size: int | None = None,
@@ -224,7 +227,7 @@ def converted_metadata(
     """
     import json
 
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     channels = int((info.get("spec") or {}).get("in_chans", 3))
     n = int(info.get("num_classes", 0))
     names: list[str] | None = None

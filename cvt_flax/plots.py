@@ -3,28 +3,31 @@
 Draw them again from a workdir (the training run draws them at its end)::
 
     python -m cvt_flax.plots /tmp/cvt_run    # writes /tmp/cvt_run/curves.png
+    python -m cvt_flax.plots gs://my-bucket/runs/in1k    # workdirs on Cloud Storage too
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from cvt_flax import paths
+
 HISTORY_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 
 
 def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads a metrics history (one JSON object per line; ``step`` and ``split`` keys)."""
+    """Reads a metrics history (one JSON object per line; ``step`` and ``split`` keys), local or on Cloud Storage."""
     records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                records.append(json.loads(line))
+    for line in paths.as_path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            records.append(json.loads(line))
     return records
 
 
@@ -44,7 +47,7 @@ def plot_curves(
 
     Args:
       history: Path of a ``metrics.jsonl`` file or the records themselves.
-      out_path: The PNG to write.
+      out_path: The PNG to write (local or on Cloud Storage).
       title: Figure title.
 
     Returns:
@@ -77,8 +80,10 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    png = io.BytesIO()  # matplotlib writes local files only: render, then write the bytes wherever out_path is
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    paths.write_bytes(out_path, png.getvalue())
     return os.fspath(out_path)
 
 
@@ -86,8 +91,8 @@ def main(argv: list[str]) -> None:
     """``python -m cvt_flax.plots WORKDIR``: draws ``WORKDIR/curves.png`` from ``WORKDIR/metrics.jsonl``."""
     if len(argv) != 2:
         raise SystemExit("usage: python -m cvt_flax.plots WORKDIR")
-    workdir = argv[1]
-    print(plot_curves(os.path.join(workdir, HISTORY_FILE), os.path.join(workdir, CURVES_FILE), title=workdir))
+    workdir = paths.as_path(argv[1])
+    print(plot_curves(workdir / HISTORY_FILE, workdir / CURVES_FILE, title=argv[1]))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m cvt_flax.predict --model microsoft/cvt-13 cat.jpg photos/ --top-k 5
     python -m cvt_flax.predict --model runs/digits/model data/digits/test --json > predictions.json
+    python -m cvt_flax.predict --model gs://bucket/runs/in1k/model gs://bucket/photos/   # Cloud Storage too
 
     from cvt_flax.predict import predict
     predict("microsoft/cvt-13", ["cat.jpg"], top_k=5)
@@ -18,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from cvt_flax import errors, serving
+from cvt_flax import errors, paths, serving
 
 
 class Predictor:
@@ -88,7 +88,7 @@ def load_predictor(model: Any, **overrides: Any) -> Predictor | serving.Exported
     if isinstance(model, tuple) and len(model) == 3:
         return Predictor(*model)
     if isinstance(model, str | os.PathLike):
-        path = pathlib.Path(model).expanduser()
+        path = paths.as_path(model)
         if (path / serving.EXPORT_FILE).is_file():
             return serving.load_exported(path)
         from cvt_flax.pretrained import from_pretrained
@@ -140,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         help="Hub id (microsoft/cvt-13), cvt-flax model directory or workdir, .pth/HuggingFace checkpoint, or an "
-        "exported directory (python -m cvt_flax.export).",
+        "exported directory (python -m cvt_flax.export); paths may be gs:// URLs.",
     )
-    parser.add_argument("images", nargs="+", help="Image files and/or folders (searched recursively).")
+    parser.add_argument(
+        "images", nargs="+", help="Image files and/or folders (searched recursively), local or gs:// URLs."
+    )
     parser.add_argument("--top-k", type=int, default=5, help="Classes per image (default 5).")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per batch (default 64).")
     parser.add_argument("--json", action="store_true", help="Print one JSON document (a list, one entry per image).")

@@ -7,7 +7,8 @@
 ``name_or_path`` may be
 
 * a cvt-flax model directory (``model.json`` + ``variables/``: from ``python -m cvt_flax.convert`` or a training
-  run's ``<workdir>/model``), or a training workdir (its ``model/``, else its latest checkpoint);
+  run's ``<workdir>/model``), or a training workdir (its ``model/``, else its latest checkpoint); local or on
+  Cloud Storage (``gs://bucket/...``, as every path below);
 * a HuggingFace hub id (`HUB_MODELS` lists Microsoft's seven CvT checkpoints; any CvT repository works, and
   ``ID@REVISION`` picks a branch, tag or commit): downloaded with ``huggingface_hub`` into its cache, converted once
   and kept in the cvt-flax cache (``$CVT_FLAX_CACHE``, default ``~/.cache/cvt_flax``) as
@@ -32,7 +33,9 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from cvt_flax import metadata
+from etils import epath
+
+from cvt_flax import metadata, paths
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +360,7 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> pathlib.Path:
 # ----------------------------------------------------------------------------- from_pretrained
 
 
-def _is_hf_dir(path: pathlib.Path) -> bool:
+def _is_hf_dir(path: epath.Path) -> bool:
     return (path / "config.json").is_file() or any((path / w).is_file() for w in WEIGHT_FILES)
 
 
@@ -376,12 +379,12 @@ def load(
     """
     from cvt_flax import checkpoint, convert
 
-    path = pathlib.Path(name_or_path).expanduser()
+    path = paths.as_path(name_or_path)
     if path.is_dir():
         for model_dir in (path, path / checkpoint.MODEL_DIR):
             if (model_dir / checkpoint.INFO_FILE).is_file():
                 variables, info = checkpoint.load_model(model_dir)
-                return variables, {**info, "source": str(model_dir.absolute())}
+                return variables, {**info, "source": str(model_dir)}
         if (path / checkpoint.CHECKPOINT_DIR).is_dir() or (path / "state").is_dir():
             variables, info = checkpoint.load_init_from(str(path))
             if "spec" not in info or "num_classes" not in info:
@@ -391,7 +394,7 @@ def load(
             return variables, info
         if _is_hf_dir(path) or any(p.suffix in (".pth", ".pt", ".bin", ".safetensors") for p in path.iterdir()):
             variables, info = convert.convert_checkpoint(path, trust_pickle=trust_pickle, **convert_kwargs)
-            return variables, {**info, "source": str(path.absolute())}
+            return variables, {**info, "source": str(path)}
         raise PretrainedError(
             f"{path} holds no model: expected a cvt-flax model directory (model.json + variables/), a training "
             "workdir (model/ or checkpoints/), a HuggingFace folder (config.json + model.safetensors / "
@@ -399,7 +402,7 @@ def load(
         )
     if path.is_file():
         variables, info = convert.convert_checkpoint(path, trust_pickle=trust_pickle, **convert_kwargs)
-        return variables, {**info, "source": str(path.absolute())}
+        return variables, {**info, "source": str(path)}
     if looks_like_hub_id(name_or_path):
         directory = resolve_hub(os.fspath(name_or_path), revision)
         variables, info = checkpoint.load_model(directory)

@@ -14,11 +14,15 @@ and this module runs it::
     logits, probs = model(batch)                    # batch: preprocessed float32 [B, H, W, C], any B
     model.predict(["cat.jpg", "dog.png"], top_k=5)  # files -> top-k names and probabilities
 
+Paths may be local or URLs such as ``gs://bucket/...`` (read with ``etils.epath``, which needs ``gcsfs`` or
+TensorFlow for Cloud Storage; only URLs need it).
+
 This file imports nothing from cvt_flax (it is copied next to exported models); keep it that way.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -35,20 +39,50 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
 
 
+# ----------------------------------------------------------------------------- paths
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _path(path: str | os.PathLike) -> Any:
+    """A local ``pathlib.Path`` (``~`` expanded), or an ``etils.epath.Path`` for a URL (``gs://...``)."""
+    if not _is_url(path):
+        return pathlib.Path(path).expanduser()
+    try:
+        from etils import epath
+    except ImportError as e:
+        raise ImportError(
+            f"{os.fspath(path)}: reading URLs needs etils (`pip install etils[epath] gcsfs` for gs://)."
+        ) from e
+    return epath.Path(os.fspath(path))
+
+
+def _walk_files(folder: Any) -> Iterable[Any]:
+    """Every file under a folder of a URL (``rglob`` is not recursive on every Cloud Storage client)."""
+    for child in folder.iterdir():
+        if child.is_dir():
+            yield from _walk_files(child)
+        else:
+            yield child
+
+
 # ----------------------------------------------------------------------------- images
 
 
-def list_images(inputs: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
-    """Expands files and folders (searched recursively, sorted) into image files.
+def list_images(inputs: Iterable[str | os.PathLike]) -> list[Any]:
+    """Expands files and folders (searched recursively, sorted) into image files (local paths or URLs).
 
     Raises:
       FileNotFoundError: for a path that does not exist, or folders without images.
     """
-    files: list[pathlib.Path] = []
+    files: list[Any] = []
     for item in inputs:
-        p = pathlib.Path(item).expanduser()
+        p = _path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            candidates = _walk_files(p) if _is_url(p) else (f for f in p.rglob("*") if f.is_file())
+            found = sorted(f for f in candidates if f.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
                 raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under the folder {p}.")
             files.extend(found)
@@ -67,7 +101,8 @@ def load_image(image: Any) -> Any:
         return image
     if isinstance(image, str | os.PathLike):
         try:
-            with Image.open(image) as im:
+            source = io.BytesIO(_path(image).read_bytes()) if _is_url(image) else image  # PIL opens local files only
+            with Image.open(source) as im:
                 im.load()
                 return im
         except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
@@ -231,7 +266,7 @@ def load_exported(directory: str | os.PathLike) -> ExportedModel:
     import jax
     from jax import export as jax_export
 
-    directory = pathlib.Path(directory).expanduser()
+    directory = _path(directory)
     missing = [f for f in (EXPORT_FILE, WEIGHTS_FILE, METADATA_FILE) if not (directory / f).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -247,6 +282,7 @@ def load_exported(directory: str | os.PathLike) -> ExportedModel:
             "Export it again for this platform too: `python -m cvt_flax.export ... --platforms "
             f"{','.join(exported.platforms)},{platform}`."
         )
-    with np.load(directory / WEIGHTS_FILE) as z:
+    weights_file = directory / WEIGHTS_FILE
+    with np.load(io.BytesIO(weights_file.read_bytes()) if _is_url(weights_file) else weights_file) as z:
         weights = [z[f"w{i:05d}"] for i in range(len(z.files))]
     return ExportedModel(exported, jax.device_put(weights), metadata)

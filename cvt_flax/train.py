@@ -29,6 +29,12 @@ A workdir holds::
     summary.json          final and best eval metrics, steps, wall time, throughput, config
     eval.json             written by ``--config.eval_only=True``
 
+The workdir, ``config.data_dir`` and ``config.init_from`` may be local or Cloud Storage
+URLs (``gs://bucket/...``; `cvt_flax.paths`). With several processes
+(`jax.distributed`, e.g. the hosts of a Cloud TPU pod), process 0 alone writes the
+files above and the TensorBoard events; every process takes part in each Orbax
+checkpoint save and restore, and reads its own share of the data.
+
 A non-finite loss (or non-finite parameters at a checkpoint) stops the run with
 `FloatingPointError`; non-finite states are never saved, so the last good
 checkpoint stays the latest.
@@ -39,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pathlib
 import signal
 import sys
 import threading
@@ -51,10 +56,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 from cvt_flax import checkpoint as ckpt_lib
-from cvt_flax import data, errors, flops, models, plots, sharding, writers
+from cvt_flax import data, errors, flops, models, paths, plots, sharding, writers
 from cvt_flax import train_utils as tu
 from cvt_flax.errors import UserError
 
@@ -138,23 +144,36 @@ def _any_process(flag: bool) -> bool:
 
 
 class History:
-    """Append-only metrics history (``metrics.jsonl``), written by the first process."""
+    """Append-only metrics history (``metrics.jsonl``), written by the first process.
 
-    def __init__(self, path: pathlib.Path, enabled: bool, keep_up_to_step: int | None):
+    On Cloud Storage, where objects cannot be appended to, the file is rewritten (`paths.AppendFile`): at most every
+    few seconds and at every `flush` (before each checkpoint and at the end of the run).
+    """
+
+    def __init__(self, path: epath.Path, enabled: bool, keep_up_to_step: int | None):
         self.path = path
         self.enabled = enabled
-        if enabled and path.exists():
+        self._file: paths.AppendFile | None = None
+        if not enabled:
+            return
+        text = None
+        if path.exists():
             # Entries after the restored step belong to a run that was interrupted
             # before its next checkpoint; the resumed run writes them again.
             limit = -1 if keep_up_to_step is None else keep_up_to_step
             kept = [r for r in plots.read_history(path) if r.get("step", 0) <= limit]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+        self._file = paths.AppendFile(path, text)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Adds one record (a JSON line)."""
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(dict(record)) + "\n")
+        if self._file is not None:
+            self._file.append(json.dumps(dict(record)) + "\n")
+
+    def flush(self) -> None:
+        """Makes every record so far durable (on Cloud Storage; local appends are written at once)."""
+        if self._file is not None:
+            self._file.flush()
 
 
 def _json_default(x: Any) -> Any:
@@ -163,10 +182,8 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: epath.Path, obj: Any) -> None:
+    paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -235,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Args:
       config: The run config (see ``configs/default.py``).
-      workdir: Directory for checkpoints, logs, metrics, curves and the summary.
+      workdir: Directory for checkpoints, logs, metrics, curves and the summary: a local path or a Cloud
+        Storage URL (``gs://bucket/run``).
 
     Returns:
       The summary (also written to ``<workdir>/summary.json``); with
@@ -307,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 eval_metrics["count"], eval_metrics["loss"], eval_metrics["accuracy"], eval_metrics["top5_accuracy"],
             )  # fmt: skip
             if is_main:
-                workdir_path.mkdir(parents=True, exist_ok=True)
+                paths.makedirs(workdir_path)
                 _write_json(workdir_path / EVAL_FILE, result)
             return result
 
@@ -331,26 +349,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     ckpts.close()
 
 
-def _prepare_workdir(workdir: str | os.PathLike, *, create: bool) -> pathlib.Path:
-    """The absolute workdir; created and checked writable (one clear message when it cannot be) unless eval-only."""
-    path = pathlib.Path(workdir).expanduser().absolute()
+def _prepare_workdir(workdir: str | os.PathLike, *, create: bool) -> epath.Path:
+    """The workdir (absolute, or a ``gs://`` URL); unless eval-only, created and checked writable by process 0.
+
+    Every process learns whether process 0 could write there, so that all of them stop with one clear message
+    when it cannot (rather than the others waiting for it forever).
+    """
+    path = paths.as_path(workdir)
     if path.exists() and not path.is_dir():
         raise UserError(f"--workdir={workdir} is a file, but a folder is needed. Choose another --workdir.")
     if not create:
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_test.{os.getpid()}"
-    try:
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"Cannot write to --workdir={path} ({e.strerror or e}). Choose a folder you can write to."
-        ) from e
+    error: UserError | None = None
+    if jax.process_index() == 0:
+        try:
+            _check_writable(path)
+        except UserError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        writable = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not writable and error is None:
+            raise UserError(f"Process 0 cannot write to --workdir={path} (its message says why); fix that first.")
+    if error is not None:
+        raise error
     return path
 
 
-def _write_parameter_overview(path: pathlib.Path, params: PyTree) -> None:
+def _check_writable(path: epath.Path) -> None:
+    """Creates the workdir and writes (then deletes) a probe file in it; a `UserError` says why that failed."""
+    probe = path / f".write_test.{os.getpid()}"
+    if not paths.is_remote(path):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(
+                f"Cannot write to --workdir={path} ({e.strerror or e}). Choose a folder you can write to."
+            ) from e
+        return
+    # Cloud Storage has no folders to create (object names imply them), and a missing bucket must not be created.
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - each Cloud Storage client raises its own types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        bucket = "/".join(os.fspath(path).split("/")[:3])
+        raise UserError(
+            f"Cannot write to --workdir={path} ({type(e).__name__}: {reason}). Check that the bucket exists and that "
+            f"this machine's credentials may write to it (`gcloud storage ls {bucket}`; on a TPU VM its service "
+            "account needs e.g. roles/storage.objectUser on the bucket)."
+        ) from e
+
+
+def _write_parameter_overview(path: epath.Path, params: PyTree) -> None:
     """The parameter table (shapes, sizes, statistics) as a file of the workdir, not on the console."""
     try:
         from clu import parameter_overview
@@ -358,12 +412,12 @@ def _write_parameter_overview(path: pathlib.Path, params: PyTree) -> None:
         text = parameter_overview.get_parameter_overview(params)
     except Exception as e:  # The overview is a convenience only.
         text = f"No parameter overview ({e})."
-    path.write_text(text + "\n")
+    paths.write_text(path, text + "\n")
 
 
 def _train_loop(
     config: ml_collections.ConfigDict,
-    workdir: pathlib.Path,
+    workdir: epath.Path,
     state: tu.TrainState,
     program: tu.TrainProgram,
     mesh: Any,
@@ -405,6 +459,7 @@ def _train_loop(
         if not bool(tu.tree_all_finite(state.params)):
             raise FloatingPointError(_nonfinite_error("Non-finite parameters", step, ckpts.latest_step(), config))
         with reporter.timed("checkpoint"):
+            history.flush()  # the metrics up to a checkpoint are durable with it (Cloud Storage rewrites lazily)
             ckpts.save(step, state, meta(step), {"accuracy": eval_metrics["accuracy"]} if eval_metrics else None)
 
     train_iter = data.create_train_iterator(config, mesh, seed=config.seed, start_step=start_step)
@@ -482,6 +537,7 @@ def _train_loop(
             logging.warning("Stopped at step %d (%s); restart the same command to resume.", step, status)
             break
     writer.flush()
+    history.flush()
     ckpts.wait()
     final_step = int(state.step)
     if status == "completed":

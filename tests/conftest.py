@@ -18,6 +18,9 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The `gcs_emulator` / `gcs` fixtures: a local Cloud Storage emulator for the gs:// tests (tests/test_gcs.py).
+pytest_plugins = ["gcs_emulator"]
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

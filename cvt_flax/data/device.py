@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from cvt_flax import paths
 from cvt_flax import sharding as sharding_lib
 from cvt_flax.data import augment_jax as aug
 from cvt_flax.data import info as info_lib
@@ -90,9 +91,8 @@ def load_arrays(
 
             def job(chunk=chunk):
                 imgs = []
-                for path, _ in chunk:
-                    with open(path, "rb") as f:
-                        imgs.append(_decode(f.read(), channels, geometry))
+                for path, _ in chunk:  # local or gs:// files
+                    imgs.append(_decode(paths.read_bytes(path), channels, geometry))
                 return imgs, [lab for _, lab in chunk]
 
             jobs.append(job)

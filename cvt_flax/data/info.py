@@ -1,17 +1,24 @@
 """Dataset registry, metadata and split arithmetic (no TensorFlow needed).
 
 Everything here works without TensorFlow: TFDS builders read their metadata
-(``dataset_info.json``) without it, and image folders are scanned with ``os``.
+(``dataset_info.json``) without it, and image folders are scanned with ``etils.epath``
+(local folders or ``gs://`` URLs, like TFDS data_dirs).
 Both input pipelines (:mod:`cvt_flax.data.tfdata`, :mod:`cvt_flax.data.device`)
 start from :func:`open_source`, which checks that the dataset is there and
 resolves TFDS split strings (``'train[:90%]'``, ``'test[:37]'``) to absolute
 example ranges, so that every pipeline agrees on which examples a split holds
 and on how they are divided between processes.
+
+With several processes (`jax.distributed`), a dataset that has to be downloaded and
+prepared (``config.download``) is prepared by process 0 alone while the others wait;
+they then read its copy (a shared data_dir: ``gs://``, NFS), or, when the data_dir is a
+disk of each host, prepare their own copy afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import random
 import types
@@ -20,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cvt_flax import paths
 from cvt_flax.data.policy import LUMA
 from cvt_flax.errors import UserError
 
@@ -255,23 +263,15 @@ def open_source(config: Any, *, for_device: bool = False) -> Source:
             f"also works). For your own images use --config.dataset=image_folder with --config.data_dir=ROOT "
             f"holding ROOT/<split>/<class>/*.png|jpg."
         ) from e
-    if not builder.is_prepared():
+    if config.download and _process_count() > 1:
+        builder = _prepare_on_process_0(builder, name, data_dir, for_device)
+    elif not builder.is_prepared():
         if not config.download:
             raise DatasetError(
                 f"Dataset {name!r} is not prepared in {builder.data_dir} and --config.download is False. "
                 + _prepare_instructions(name, data_dir, for_device)
             )
-        entry = KNOWN_DATASETS.get(name)
-        if entry is not None and entry.manual:
-            raise DatasetError(f"Dataset {name!r} cannot be downloaded automatically. " + entry.manual)
-        try:
-            kwargs = {"file_format": "array_record"} if for_device else {}
-            builder.download_and_prepare(**kwargs)
-        except Exception as e:  # noqa: BLE001 (network errors come in many types)
-            raise DatasetError(
-                f"Downloading/preparing dataset {name!r} into {builder.data_dir} failed ({type(e).__name__}: {e}). "
-                "This machine may have no network. " + _prepare_instructions(name, data_dir, for_device)
-            ) from e
+        _download_and_prepare(builder, name, data_dir, for_device)
     info = builder.info
     if "image" not in info.features or "label" not in info.features:
         raise DatasetError(
@@ -350,17 +350,103 @@ def few_shot_subset(source: Source, config: Any) -> Source:
     )
 
 
+def _download_and_prepare(builder: Any, name: str, data_dir: str | None, for_device: bool) -> None:
+    """``builder.download_and_prepare()``; a `DatasetError` with the fix when that cannot or did not work."""
+    entry = KNOWN_DATASETS.get(name)
+    if entry is not None and entry.manual:
+        raise DatasetError(f"Dataset {name!r} cannot be downloaded automatically. " + entry.manual)
+    if for_device and data_dir and paths.is_remote(data_dir):
+        # array_record's writer opens local files only: TFDS cannot prepare ArrayRecord files on Cloud Storage.
+        raise DatasetError(
+            f"Dataset {name!r} is not prepared in {builder.data_dir}, and --config.input.pipeline=device needs "
+            "ArrayRecord files, which cannot be written to Cloud Storage directly. Prepare it on a local disk "
+            f"(`tfds build {name} --file_format=array_record --data_dir /tmp/tfds`), copy it up (`gcloud storage cp "
+            f"-r /tmp/tfds/{name} {data_dir.rstrip('/')}/`), then run again; or use --config.input.pipeline=tfdata, "
+            "which TFDS prepares on Cloud Storage itself."
+        )
+    try:
+        kwargs = {"file_format": "array_record"} if for_device else {}
+        builder.download_and_prepare(**kwargs)
+    except Exception as e:  # noqa: BLE001 (network errors come in many types)
+        raise DatasetError(
+            f"Downloading/preparing dataset {name!r} into {builder.data_dir} failed ({type(e).__name__}: {e}). "
+            "This machine may have no network. " + _prepare_instructions(name, data_dir, for_device)
+        ) from e
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _all_processes(flag: bool) -> list[bool]:
+    """``flag`` of every process (a collective: every process calls it at the same point)."""
+    from jax.experimental import multihost_utils
+
+    return [bool(x) for x in np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).reshape(-1)]
+
+
+def _prepare_on_process_0(builder: Any, name: str, data_dir: str | None, for_device: bool) -> Any:
+    """Downloads and prepares a dataset on process 0 only, the other processes waiting; returns the ready builder.
+
+    Called by every process (the steps are collectives). When process 0's copy is not visible to another process
+    afterwards (a data_dir on each host's own disk), that process prepares its own copy.
+
+    Raises:
+      DatasetError: when preparing failed (on process 0: on every process, which then all stop).
+    """
+    import jax
+    import tensorflow_datasets as tfds  # TF-free import
+
+    first = jax.process_index() == 0
+    if not any(_all_processes(not builder.is_prepared())):
+        return builder
+    error: DatasetError | None = None
+    if first and not builder.is_prepared():
+        try:
+            _download_and_prepare(builder, name, data_dir, for_device)
+        except DatasetError as e:
+            error = e
+    failed = _all_processes(error is not None)  # also the barrier: the others wait here for process 0
+    if error is not None:
+        raise error
+    if failed[0]:
+        raise DatasetError(
+            f"Process 0 could not prepare dataset {name!r} in {builder.data_dir} (its message says why). "
+            + _prepare_instructions(name, data_dir, for_device)
+        )
+    if not first:
+        builder = tfds.builder(name, data_dir=data_dir)  # reads the metadata process 0 wrote
+        if not builder.is_prepared():  # not shared with process 0: this host's data_dir is its own disk
+            try:
+                _download_and_prepare(builder, name, data_dir, for_device)
+            except DatasetError as e:
+                error = e
+    if any(_all_processes(error is not None)):
+        if error is not None:
+            raise error
+        raise DatasetError(
+            f"Another process could not prepare its copy of dataset {name!r} (its message says why). "
+            + _prepare_instructions(name, data_dir, for_device)
+        )
+    return builder
+
+
 def _open_image_folder(root: str | None) -> Source:
-    """Scans ``root/<split>/<label>/*.{png,jpg,jpeg}`` exactly as `tfds.folder_dataset.ImageFolder` does."""
-    if not root or not os.path.isdir(os.path.expanduser(root)):
+    """Scans ``root/<split>/<label>/*.{png,jpg,jpeg}`` exactly as `tfds.folder_dataset.ImageFolder` does.
+
+    ``root`` may be local or a ``gs://`` URL; the file paths of the `Source` are strings under ``root``.
+    """
+    if not root or not paths.as_path(root).is_dir():
         raise DatasetError(
             f"--config.dataset=image_folder needs --config.data_dir=ROOT, an existing directory holding "
             f"ROOT/<split>/<class>/*.png|jpg (e.g. ROOT/train/cat/1.png); got data_dir={root!r}."
         )
-    root = os.path.expanduser(root)
+    root = root if paths.is_remote(root) else os.path.expanduser(root)
 
     def folders(d: str) -> list[str]:
-        return sorted(f for f in os.listdir(d) if os.path.isdir(os.path.join(d, f)))
+        return sorted(f.name for f in paths.as_path(d).iterdir() if f.is_dir())
 
     split_examples: dict[str, list[tuple[str, str]]] = {}
     labels: set[str] = set()
@@ -369,8 +455,9 @@ def _open_image_folder(root: str | None) -> Source:
         for label in folders(os.path.join(root, split)):
             labels.add(label)
             label_dir = os.path.join(root, split, label)
-            paths = [os.path.join(label_dir, f) for f in os.listdir(label_dir) if f.lower().endswith(_IMAGE_EXTENSIONS)]
-            examples.extend((p, label) for p in sorted(paths))
+            names = [f.name for f in paths.as_path(label_dir).iterdir()]
+            files = [os.path.join(label_dir, f) for f in names if f.lower().endswith(_IMAGE_EXTENSIONS)]
+            examples.extend((p, label) for p in sorted(files))
         random.Random(split).shuffle(examples)  # tfds.ImageFolder's deterministic order
         split_examples[split] = examples
     split_examples = {k: v for k, v in split_examples.items() if v}
@@ -383,9 +470,7 @@ def _open_image_folder(root: str | None) -> Source:
     index = {c: i for i, c in enumerate(class_names)}
     files = {k: [(p, index[lab]) for p, lab in v] for k, v in split_examples.items()}
     first = next(iter(files.values()))[0][0]
-    from PIL import Image
-
-    with Image.open(first) as im:
+    with _open_image(first) as im:
         channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
     return Source(
         name=IMAGE_FOLDER,
@@ -396,6 +481,13 @@ def _open_image_folder(root: str | None) -> Source:
         image_shape=(None, None, channels),
         files=files,
     )
+
+
+def _open_image(path: str) -> Any:
+    """``PIL.Image.open`` of a local file, or of the bytes of a Cloud Storage object (PIL opens local files only)."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path)
 
 
 def verify_images(paths: Sequence[str], threads: int = 16) -> None:
@@ -410,11 +502,9 @@ def verify_images(paths: Sequence[str], threads: int = 16) -> None:
     """
     import concurrent.futures
 
-    from PIL import Image
-
     def check(path: str) -> str | None:
         try:
-            with Image.open(path) as im:
+            with _open_image(path) as im:
                 im.load()
         except Exception as e:  # noqa: BLE001 - any failure to decode is the file's
             return f"{path} ({type(e).__name__}: {str(e)[:120]})"
