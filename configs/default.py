@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = "cvt_13_32"
     # MLP activation: 'quick_gelu' (official microsoft/CvT) or 'gelu' (HF port).
     config.act = "quick_gelu"
+    # Initialisation of the blocks' Linear layers: 'trunc_norm' (std 0.02, the
+    # official default) or 'xavier' (uniform; the official code's other option).
+    config.init_method = "trunc_norm"
     # Stochastic depth of the last stage (official rule: rates grow linearly from
     # 0 to this over the stage's blocks; earlier stages 0). Negative: variant's.
     config.drop_path_rate = 0.1
@@ -56,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_split = "train"
     config.eval_split = "test"
     # Few-shot training: this many images of each class from the train split of an
-    # image folder (0: the whole split), drawn with train_subset_seed.
+    # image folder (0: the whole split), drawn with train_subset_seed; the images not drawn form the
+    # split "<train_split>_rest" (e.g. eval_split="train_rest": tune without the test split).
     config.train_examples_per_class = 0
     config.train_subset_seed = 0
     # Side length of the (square) model input; images are resized/cropped to it.

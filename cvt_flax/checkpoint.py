@@ -923,7 +923,8 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
     Returns:
       ``{'identity': [...], 'recipe': [...], 'free': [...]}`` of ``(field, saved, current)``. ``identity``: the
       model, data or train-state layout changed (`IDENTITY_FIELDS`, and EMA or gradient clipping switched on or
-      off, which changes the optimizer state); ``free``: run control and implementation (`FREE_FIELDS`);
+      off, which changes the optimizer state); ``free``: run control and implementation (`FREE_FIELDS`), and
+      fields the saved config does not have (added to cvt-flax after that run started);
       ``recipe``: everything else (schedule, optimisation, augmentation, regularisation, seed).
     """
     a, b = _flat(saved), _flat(current)
@@ -935,7 +936,7 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
         toggled = key in ("ema_decay", "grad_clip_norm") and (float(old or 0) > 0) != (float(new or 0) > 0)
         if key in IDENTITY_FIELDS or toggled:
             kind = "identity"
-        elif key in FREE_FIELDS:
+        elif key in FREE_FIELDS or key not in a:  # not in the saved config: a field added to cvt-flax since
             kind = "free"
         else:
             kind = "recipe"

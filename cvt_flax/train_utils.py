@@ -191,6 +191,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, in_chans: 
         config.model,
         num_classes=num_classes,
         act=config.act,
+        init_method=config.init_method,
         attention_impl=config.attention_impl,
         depthwise_impl=resolve_depthwise_impl(config.get("depthwise_impl", "auto")),
         remat=config.remat,

@@ -171,6 +171,11 @@ def test_few_shot_subset_of_an_image_folder(shared_dir):
     labels = [label for _, label in few.files["train"]]
     assert sorted(labels) == sorted(list(range(10)) * 10)
     assert set(few.files["train"]) <= set(full.files["train"])
+    # The images not drawn: a held-out split for tuning, disjoint from the subset, together the whole split.
+    rest = few.files["train_rest"]
+    assert not set(rest) & set(few.files["train"])
+    assert sorted(rest + few.files["train"]) == sorted(full.files["train"])
+    assert few.split_sizes["train_rest"] == full.split_sizes["train"] - 100
     again = info_lib.open_source(cfg(train_examples_per_class=10, learning_rate=0.5))  # other fields: same draw
     assert again.files["train"] == few.files["train"]
     other = info_lib.open_source(cfg(train_examples_per_class=10, train_subset_seed=1))

@@ -175,6 +175,23 @@ def test_initialisation_follows_official():
     assert cls.shape == (1, 1, 48) and 0 < cls.std() < 0.03
 
 
+def test_xavier_initialisation_option():
+    """The official code's other INIT: xavier-uniform block Linears; the head and class token stay 0.02."""
+    model = models.create_model("cvt_tiny", 1000, init_method="xavier")
+    params = init(model, jnp.zeros((1, 16, 16, 3)))["params"]
+    blk = params["stage2"]["blocks_0"]
+    for path, (fan_in, fan_out) in {("attn", "proj_q"): (48, 48), ("mlp", "fc1"): (48, 96)}.items():
+        kernel = np.asarray(blk[path[0]][path[1]]["kernel"])
+        bound = np.sqrt(6.0 / (fan_in + fan_out))
+        assert kernel.shape == (fan_in, fan_out) and np.abs(kernel).max() <= bound
+        assert abs(kernel.std() - bound / np.sqrt(3.0)) < 0.1 * bound  # uniform(-b, b): std b/sqrt(3)
+        assert np.all(np.asarray(blk[path[0]][path[1]]["bias"]) == 0)
+    head = np.asarray(params["head"]["kernel"])
+    assert abs(head.std() - 0.02) < 0.003
+    with pytest.raises(ValueError, match="xavier"):
+        init(models.create_model("cvt_tiny", 10, init_method="kaiming"), jnp.zeros((1, 16, 16, 3)))
+
+
 def test_no_cls_token_uses_mean_of_normed_tokens():
     model = _tiny(cls_token=(False, False, False))
     variables = init(model, jnp.zeros((1, 16, 16, 3)))

@@ -347,3 +347,20 @@ def test_plot_curves(tmp_path):
     out = plots.plot_curves(hist, tmp_path / "curves.png", title="t")
     assert pathlib.Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.read_history(hist) == recs
+
+
+def test_config_changes_by_kind():
+    from cvt_flax import checkpoint
+
+    saved = {"model": "cvt_mini", "learning_rate": 2e-3, "log_every_steps": 50, "aug": {"hflip": True}}
+    current = {
+        "model": "cvt_tiny",
+        "learning_rate": 1e-3,
+        "log_every_steps": 10,
+        "aug": {"hflip": False},
+        "init_method": "trunc_norm",  # a field the saved run did not have yet: free, but listed
+    }
+    changes = checkpoint.config_changes(saved, current)
+    assert changes["identity"] == [("model", "cvt_mini", "cvt_tiny")]
+    assert changes["recipe"] == [("aug.hflip", True, False), ("learning_rate", 2e-3, 1e-3)]
+    assert changes["free"] == [("init_method", None, "trunc_norm"), ("log_every_steps", 50, 10)]

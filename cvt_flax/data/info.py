@@ -312,11 +312,17 @@ def open_source(config: Any, *, for_device: bool = False) -> Source:
     )
 
 
+# Suffix of the split that holds the train images a few-shot subset did not draw (``train_rest``): a validation
+# set for tuning (``--config.eval_split=train_rest``) that leaves the test split alone.
+HELD_OUT_SUFFIX = "_rest"
+
+
 def few_shot_subset(source: Source, config: Any) -> Source:
     """A few-shot subset: ``config.train_examples_per_class`` images per class of an image folder's train split.
 
     Drawn with ``config.train_subset_seed`` (0 images: the whole split); the same subset for the same seed,
-    whatever else the config says, so that fine-tuning and training from scratch see the same images.
+    whatever else the config says, so that fine-tuning and training from scratch see the same images. The
+    train images not drawn become the split ``<train_split>_rest`` (for tuning without the test split).
 
     Raises:
       DatasetError: for a train split that is not a plain folder name, or a class with too few images.
@@ -345,8 +351,13 @@ def few_shot_subset(source: Source, config: Any) -> Source:
     for label in sorted(by_class):
         subset += rng.sample(by_class[label], n)
     rng.shuffle(subset)
+    drawn = set(subset)
+    rest = [f for f in sorted(source.files[split]) if f not in drawn]
+    held_out = f"{split}{HELD_OUT_SUFFIX}"
     return dataclasses.replace(
-        source, files={**source.files, split: subset}, split_sizes={**source.split_sizes, split: len(subset)}
+        source,
+        files={**source.files, split: subset, held_out: rest},
+        split_sizes={**source.split_sizes, split: len(subset), held_out: len(rest)},
     )
 
 

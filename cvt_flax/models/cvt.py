@@ -35,6 +35,20 @@ dense_init = nn.initializers.truncated_normal(stddev=0.02)
 zeros_init = nn.initializers.zeros
 # torch's default Conv2d init (kaiming_uniform with a=sqrt(5)) == U(-1/sqrt(fan_in), +).
 conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Initialisations of the blocks' Linear layers (the official spec's INIT): ``trunc_norm`` (the default of
+# every official yaml) or ``xavier`` (uniform, the official code's other choice). The class token and the
+# head stay trunc_normal(0.02) either way, as in the official code.
+LINEAR_INITS = ("trunc_norm", "xavier")
+
+
+def linear_init(name: str) -> Callable[..., Array]:
+    """Kernel initialiser of a block's Linear layer for ``name`` (one of `LINEAR_INITS`)."""
+    if name == "trunc_norm":
+        return dense_init
+    if name == "xavier":
+        return nn.initializers.xavier_uniform()
+    raise ValueError(f"Unknown init {name!r}; choose one of {LINEAR_INITS}.")
+
 
 LN_EPS = 1e-5
 BN_EPS = 1e-5
@@ -304,6 +318,7 @@ class ConvAttention(nn.Module):
     with_cls_token: bool = False
     attention_impl: str = "explicit"
     depthwise_impl: str = "conv"
+    init_method: str = "trunc_norm"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -333,7 +348,7 @@ class ConvAttention(nn.Module):
         dense = functools.partial(
             nn.Dense,
             self.dim,
-            kernel_init=dense_init,
+            kernel_init=linear_init(self.init_method),
             bias_init=zeros_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -367,13 +382,18 @@ class Mlp(nn.Module):
     out_dim: int
     drop: float = 0.0
     act: str = "quick_gelu"
+    init_method: str = "trunc_norm"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         dense = functools.partial(
-            nn.Dense, kernel_init=dense_init, bias_init=zeros_init, dtype=self.dtype, param_dtype=self.param_dtype
+            nn.Dense,
+            kernel_init=linear_init(self.init_method),
+            bias_init=zeros_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         x = dense(self.hidden_dim, name="fc1")(x)
         x = get_activation(self.act)(x)
@@ -391,6 +411,7 @@ class Block(nn.Module):
     drop: float = 0.0
     drop_path: float = 0.0
     act: str = "quick_gelu"
+    init_method: str = "trunc_norm"
     attn_kwargs: tuple[tuple[str, Any], ...] = ()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -404,6 +425,7 @@ class Block(nn.Module):
             self.dim,
             self.num_heads,
             proj_drop=self.drop,
+            init_method=self.init_method,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attn",
@@ -415,6 +437,7 @@ class Block(nn.Module):
             self.dim,
             drop=self.drop,
             act=self.act,
+            init_method=self.init_method,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="mlp",
@@ -432,6 +455,7 @@ class Stage(nn.Module):
     spec: CvTSpec
     index: int
     act: str = "quick_gelu"
+    init_method: str = "trunc_norm"
     attention_impl: str = "explicit"
     depthwise_impl: str = "conv"
     remat: bool = False
@@ -481,6 +505,7 @@ class Stage(nn.Module):
                 drop=s.drop_rate[i],
                 drop_path=float(dpr[j]),
                 act=self.act,
+                init_method=self.init_method,
                 attn_kwargs=attn_kwargs,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
@@ -500,6 +525,8 @@ class CvT(nn.Module):
       spec: Architecture (see `CvTSpec` and `cvt_flax.models.registry`).
       num_classes: Classifier outputs; 0 returns the pooled features instead.
       act: MLP activation: ``quick_gelu`` (official), ``gelu`` (HuggingFace port).
+      init_method: Initialisation of the blocks' Linear layers: ``trunc_norm`` (official
+        default, std 0.02) or ``xavier`` (uniform; the official code's other option).
       attention_impl: ``explicit``, ``xla`` or ``cudnn`` (see
         `dot_product_attention`).
       depthwise_impl: ``conv`` (grouped convolution) or ``shift`` (shifted
@@ -515,6 +542,7 @@ class CvT(nn.Module):
     spec: CvTSpec = CvTSpec()
     num_classes: int = 1000
     act: str = "quick_gelu"
+    init_method: str = "trunc_norm"
     attention_impl: str = "explicit"
     depthwise_impl: str = "conv"
     remat: bool = False
@@ -555,6 +583,7 @@ class CvT(nn.Module):
                 self.spec,
                 i,
                 act=self.act,
+                init_method=self.init_method,
                 attention_impl=self.attention_impl,
                 depthwise_impl=self.depthwise_impl,
                 remat=self.remat,

@@ -201,6 +201,7 @@ def create_model(
     num_classes: int = 1000,
     *,
     act: str = "quick_gelu",
+    init_method: str = "trunc_norm",
     attention_impl: str = "explicit",
     depthwise_impl: str = "conv",
     remat: bool = False,
@@ -215,6 +216,7 @@ def create_model(
       name: A registered variant name (see `list_models`) or a `CvTSpec`.
       num_classes: Classifier outputs (0: return pooled features).
       act: ``quick_gelu`` (official) or ``gelu`` (HuggingFace port).
+      init_method: ``trunc_norm`` (official default) or ``xavier``: the blocks' Linear initialisation.
       attention_impl: ``explicit``, ``xla`` or ``cudnn``.
       depthwise_impl: ``conv`` or ``shift`` (faster on CPU; same parameters).
       remat: Rematerialise blocks in the backward pass.
@@ -234,6 +236,7 @@ def create_model(
         spec=spec,
         num_classes=num_classes,
         act=act,
+        init_method=init_method,
         attention_impl=attention_impl,
         depthwise_impl=depthwise_impl,
         remat=remat,
