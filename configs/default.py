@@ -169,6 +169,10 @@ def get_config() -> ml_collections.ConfigDict:
     # pretrained one has as many classes (a new task); otherwise only when the
     # class count differs.
     config.new_head = False
+    # With init_from: comma-separated regular expressions of variable names that
+    # keep their fresh initialisation (full match, e.g. 'params/stage2/.*,batch_stats/stage2/.*'
+    # re-initialises the last stage), as big_vision's dont_load.
+    config.init_from_skip = ""
     # Fine-tuning configs set this: fail (instead of training from scratch) when
     # init_from is empty and the workdir has no checkpoint to resume.
     config.require_init_from = False

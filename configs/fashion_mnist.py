@@ -16,8 +16,8 @@ Options (``:key=value,...``):
 * ``recipe``: ``ours`` (default) or ``seed``: the optimisation of the student
   re-implementation this project started from (as ``configs/cifar100.py:recipe=seed``:
   AdamW at lr 0.02 read as absolute, no warmup, cosine to zero, no gradient
-  clipping, no label smoothing, random crop + flip only), on the same model and
-  budget, to show what the recipe is worth.
+  clipping, no label smoothing, random crop + flip only, the official
+  trunc_normal init), on the same model and budget, to show what the recipe is worth.
 
     python main.py --config=configs/fashion_mnist.py:epochs=1 --workdir=/tmp/fmnist_cpu
     python main.py --config=configs/fashion_mnist.py:variant=cvt_6_32,batch=256,pipeline=device \
@@ -27,7 +27,7 @@ The model takes 1-channel input (``num_channels=1``; the train code builds the
 model with ``in_chans`` equal to the data's channels).
 
 Everything not set here is ``configs/default.py``'s: ``train``/``test`` splits,
-cached input, ``'auto'`` normalisation (Fashion-MNIST's own statistics), flips,
+cached input, ``'auto'`` normalisation (Fashion-MNIST's own statistics),
 resize for eval; AdamW with 5%-of-the-run warmup from 1e-6, cosine to 1e-5,
 weight decay 0.05, gradient clipping 1.0, label smoothing 0.1, no EMA; evaluation
 and checkpoints once per epoch.
@@ -54,6 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ------------------------------------------------------------ model
     config.model = args["variant"]
+    # The official code's xavier-uniform init of the blocks' Linear layers learns
+    # faster at these small widths than its default trunc_normal(0.02) (87.9% vs
+    # 87.0% after one epoch of cvt_mini; docs/fashion_mnist_cpu_recipe.md).
+    config.init_method = "xavier" if small else "trunc_norm"
     # float32 on CPU; bfloat16 on accelerators.
     config.dtype = "float32" if small else "bfloat16"
 
@@ -94,6 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.learning_rate = 2e-3
     # Warm up over 5% of the run (follows --config.num_epochs overrides).
     config.warmup_epochs = config.get_ref("num_epochs") * 0.05
+    # A shorter second-moment memory for the CPU runs' few steps (+0.1 point
+    # after one epoch with either init).
+    config.b2 = 0.98 if small else config.b2
 
     if args["recipe"] == "seed":
         config.learning_rate = 0.02
@@ -104,6 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.aug.crop = "pad_crop"
         config.aug.hflip = True
         config.aug.random_erasing = 0.0
+        config.init_method = "trunc_norm"  # the official default, which the student port kept
+        config.b2 = 0.999
         config.drop_path_rate = -1.0
 
     # ------------------------------------------------------------ run

@@ -29,9 +29,10 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax
@@ -714,6 +715,7 @@ def merge_pretrained(
     model_name: str = "",
     head: str = weights.CLASSIFIER,
     new_head: bool = False,
+    skip: Sequence[str] = (),
 ) -> tuple[dict[str, PyTree], bool]:
     """Copies pretrained variables into freshly initialised ones, keeping the fresh head when it differs.
 
@@ -724,18 +726,31 @@ def merge_pretrained(
       model_name: ``config.model`` (for error messages).
       head: Top-level name of the classifier head.
       new_head: Keep the fresh head even when the pretrained one fits (a new task with as many classes).
+      skip: Regular expressions; variables whose name (``params/stage2/blocks_0/mlp/fc1/kernel``,
+        ``batch_stats/...``) matches one in full keep their fresh initialisation (as big_vision's ``dont_load``).
 
     Returns:
       ``(variables, head_reinitialised)``; values take ``target``'s dtypes.
 
     Raises:
-      ValueError: as `check_pretrained`.
+      ValueError: as `check_pretrained`, or a ``skip`` pattern that is not a regular expression or matches
+        no variable.
     """
     head_reinit = check_pretrained(target, loaded, info=info, model_name=model_name, head=head) or new_head
     flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
+    try:
+        patterns = [re.compile(p) for p in skip]
+    except re.error as e:
+        raise ValueError(f"--config.init_from_skip: {e.pattern!r} is not a regular expression ({e}).") from e
+    for p in patterns:
+        if not any(p.fullmatch(k) for k in flat_t):
+            raise ValueError(
+                f"--config.init_from_skip: {p.pattern!r} matches no variable of {model_name or 'the model'}; names "
+                f"look like {sorted(flat_t)[0]!r} (a full match, e.g. 'params/stage2/.*')."
+            )
     out = {}
     for k, v in flat_t.items():
-        keep_fresh = head_reinit and k.split("/")[1] == head
+        keep_fresh = (head_reinit and k.split("/")[1] == head) or any(p.fullmatch(k) for p in patterns)
         out[k] = np.asarray(v) if keep_fresh else np.asarray(flat_l[k]).astype(np.asarray(v).dtype)
     return traverse_util.unflatten_dict(out, sep="/"), head_reinit
 
@@ -749,9 +764,12 @@ def apply_init_from(
 ) -> TrainState:
     """Copies checked pretrained variables into a freshly initialised state (new head when needed)."""
     target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    skip = [p.strip() for p in str(config.init_from_skip).split(",") if p.strip()]
     merged, head_reinit = merge_pretrained(
-        target, loaded, info=info, model_name=config.model, new_head=bool(config.new_head)
+        target, loaded, info=info, model_name=config.model, new_head=bool(config.new_head), skip=skip
     )
+    if skip:
+        logging.info("init_from: kept the fresh initialisation of the variables matching %s.", ", ".join(skip))
     act = info.get("act")
     if act and act != config.act:
         logging.warning(

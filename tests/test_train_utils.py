@@ -258,6 +258,21 @@ def test_merge_pretrained_replaces_a_different_head():
     assert reinit and np.array_equal(merged["params"]["head"]["kernel"], target["params"]["head"]["kernel"])
 
 
+def test_merge_pretrained_skips_the_named_variables():
+    target, loaded = _vars(10), _vars(10)
+    loaded["params"]["stage0"]["patch_embed"]["proj"]["kernel"] *= 3
+    loaded["batch_stats"]["stage0"]["bn"]["mean"] += 1
+    loaded["params"]["head"]["kernel"] += 1
+    merged, reinit = ckpt_lib.merge_pretrained(target, loaded, skip=["params/stage0/.*"])
+    assert not reinit and np.all(merged["params"]["head"]["kernel"] == 1)  # loaded
+    assert np.all(merged["params"]["stage0"]["patch_embed"]["proj"]["kernel"] == 1)  # fresh (skipped)
+    assert np.all(merged["batch_stats"]["stage0"]["bn"]["mean"] == 3)  # loaded: the pattern names params only
+    with pytest.raises(ValueError, match="matches no variable"):
+        ckpt_lib.merge_pretrained(target, loaded, skip=["stage0/.*"])  # a full match is needed
+    with pytest.raises(ValueError, match="not a regular expression"):
+        ckpt_lib.merge_pretrained(target, loaded, skip=["params/(stage0"])
+
+
 def test_check_pretrained_names_mismatches():
     loaded = _vars(10, width=64)
     loaded["params"]["stage0"]["patch_embed"]["proj"]["kernel"] = np.ones((3, 3, 1, 64), np.float32)
