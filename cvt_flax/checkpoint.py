@@ -45,7 +45,7 @@ from etils import epath
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
-from cvt_flax import paths, sharding
+from cvt_flax import errors, paths, sharding
 from cvt_flax.errors import UserError
 from cvt_flax.models import weights
 
@@ -137,10 +137,19 @@ def save_model(
     tree = {c: _to_numpy_tree(variables.get(c, {})) for c in COLLECTIONS}
     # Orbax writes into a temporary directory and renames it when complete (on Cloud Storage: writes in place and
     # marks the end with commit_success.txt).
-    ocp.PyTreeCheckpointer().save(target, tree, force=True)
-    # model.json is written last (atomically), so its presence marks a complete checkpoint.
-    if jax.process_index() == 0:
-        paths.write_text(directory / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    try:
+        with errors.held_stderr(drop_if=_is_disk_full):
+            ocp.PyTreeCheckpointer().save(target, tree, force=True)
+        # model.json is written last (atomically), so its presence marks a complete checkpoint.
+        if jax.process_index() == 0:
+            paths.write_text(directory / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        raise UserError(
+            f"No space left on the device of {directory} while writing the model there. Free space there or choose "
+            "another --workdir, then restart the same command; the checkpoints already saved stay restorable."
+        ) from e
     return directory
 
 
@@ -357,7 +366,8 @@ class Checkpoints:
     def _disk_errors(self, step: int | None = None) -> Any:
         """Turns a full disk during a save into one message naming the folder and the space a checkpoint needs."""
         try:
-            yield
+            with errors.held_stderr(drop_if=_is_disk_full):  # not the tracebacks of Orbax's threads after it
+                yield
         except Exception as e:
             if not _is_disk_full(e):
                 raise

@@ -21,8 +21,9 @@ import errno
 import os
 import pathlib
 import sys
+import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 _HERE = pathlib.Path(__file__).resolve()
@@ -141,3 +142,33 @@ def silenced_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+@contextlib.contextmanager
+def held_stderr(drop_if: Callable[[BaseException], bool]) -> Iterator[None]:
+    """Holds file descriptor 2's output during the block and writes it after, unless ``drop_if(the error)``.
+
+    For Orbax saves: when one fails on a full disk, Orbax closes its asyncio loop while TensorStore's threads
+    still complete writes, and each of their callbacks prints a "RuntimeError: Event loop is closed" traceback
+    straight to the process's stderr; the failure itself is reported once, by the caller. Output of a block that
+    succeeds (or fails otherwise) is kept, only delayed to the block's end.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed: BaseException | None = None
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException as e:
+            failed = e
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed is None or not drop_if(failed):
+                held.seek(0)
+                data = held.read()
+                if data:
+                    os.write(2, data)

@@ -136,10 +136,13 @@ def test_full_disk_is_one_message_and_the_saved_checkpoints_stay(shared_dir, tmp
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         args = [*SMOKE, f"--workdir={mnt / 'run'}", f"--config.data_dir={shared_dir / 'tfds'}"]
-        assert_one_message(main_py(*args), "No space left", "steps [2]", "stay restorable")
+        # The disk fills while saving the step-4 checkpoint (earlier ones stay), or, when that one fit, while
+        # writing the final model; either way one message, and the same command resumes once there is space.
+        message = assert_one_message(main_py(*args), "No space left", "stay restorable")
+        assert "steps [2]" in message or "while writing the model" in message, message
         subprocess.run(["mount", "-o", "remount,size=20m", str(mnt)], check=True)
         proc = main_py(*args)
-        assert proc.returncode == 0 and f"Resumed from {mnt / 'run' / 'checkpoints' / '2'}" in proc.stderr
+        assert proc.returncode == 0 and f"Resumed from {mnt / 'run' / 'checkpoints'}/" in proc.stderr
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
 

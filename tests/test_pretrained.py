@@ -378,3 +378,18 @@ def test_saved_model_matches_the_export(digits_run, tmp_path):
     np.testing.assert_allclose(served["logits"].numpy(), logits, atol=1e-5)
     np.testing.assert_allclose(served["probabilities"].numpy(), probs, atol=1e-6)
     assert export_main(["--model", str(workdir), "--output", str(out)]) == 2  # not empty, no --overwrite
+
+
+def test_feature_probe_of_a_trained_model(digits_run, shared_dir, capsys):
+    """benchmarks/feature_probe.py: nearest-class-mean accuracy of each stage's features, trained vs random."""
+    from benchmarks import feature_probe
+
+    workdir, _ = digits_run
+    rows = feature_probe.probe(str(workdir / "model"), str(shared_dir / "data" / "digits"), per_class=5, seed=0)
+    names = [r["features"] for r in rows]
+    assert names[:4] == ["pixels", "stage0", "stage1", "stage2"] and "pre_logits" in names
+    assert all(0.0 <= r["pretrained"] <= 1.0 for r in rows)
+    assert rows[0]["pretrained"] > 0.5  # 5 digits per class, raw pixels: far above chance
+    assert all(0.0 <= r["random"] <= 1.0 for r in rows[1:])
+    assert any(r["pretrained"] != r["random"] for r in rows[1:])  # the random network is a different one
+    assert feature_probe.nearest_class_mean(np.eye(2), np.array([0, 1]), np.eye(2), np.array([0, 1])) == 1.0
