@@ -22,6 +22,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import IO
@@ -33,6 +34,8 @@ _OWN_TYPES = (
     ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
 )  # fmt: skip
 EXIT_USER_ERROR = 2
+# Seconds `held_stderr` keeps holding after a dropped failure, for output that other threads print late.
+LATE_OUTPUT_S = 2.0
 
 
 class UserError(ValueError):
@@ -164,10 +167,14 @@ def held_stderr(drop_if: Callable[[BaseException], bool]) -> Iterator[None]:
             failed = e
             raise
         finally:
+            dropping = failed is not None and drop_if(failed)
+            if dropping:
+                # The threads' callbacks keep arriving for a moment after the failure: let them land here.
+                time.sleep(LATE_OUTPUT_S)
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            if failed is None or not drop_if(failed):
+            if not dropping:
                 held.seek(0)
                 data = held.read()
                 if data:
