@@ -100,7 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.warmup_epochs = config.get_ref("num_epochs") * 0.05
     # A shorter second-moment memory for the CPU runs' few steps (+0.1 point
     # after one epoch with either init).
-    config.b2 = 0.98 if small else config.b2
+    if small:
+        config.b2 = 0.98
 
     if args["recipe"] == "seed":
         config.learning_rate = 0.02

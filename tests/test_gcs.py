@@ -39,6 +39,8 @@ from etils import epath
 pytest.importorskip("google.cloud.storage")
 pytest.importorskip("gcsfs")
 
+import test_train  # noqa: E402  (tests/ is on sys.path under pytest)
+
 from configs import smoke  # noqa: E402
 from cvt_flax import checkpoint as ckpt_lib  # noqa: E402
 from cvt_flax import cli, convert, errors, paths, plots, sharding  # noqa: E402
@@ -71,13 +73,8 @@ def png(value: int, size: int = 28, mode: str = "L") -> bytes:
 
 
 def fmnist_config(**overrides):
-    """configs/smoke.py on the shared Fashion-MNIST, tiled to 3 channels (the program of tests/test_train.py)."""
-    config = smoke.get_config("dataset=fashion_mnist")
-    config.data_dir = str(SHARED / "tfds")
-    config.num_channels = 3
-    for k, v in overrides.items():
-        config[k] = v
-    return config
+    """configs/smoke.py on the shared Fashion-MNIST, tiled to 3 channels: tests/test_train.py's program."""
+    return test_train.fmnist_config(SHARED, **overrides)
 
 
 # ----------------------------------------------------------------------------- paths, workdir files
