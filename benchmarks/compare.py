@@ -466,4 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from cvt_flax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # Both frameworks get the same allocator settings (see cvt_flax.hostmem).
     main()

@@ -84,6 +84,7 @@ def host_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "hostname": platform.node(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 

@@ -28,7 +28,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cvt_flax import errors
+from cvt_flax import errors, hostmem
 
 FLAGS = flags.FLAGS
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -284,6 +284,9 @@ def _error_log(argv: Sequence[str]) -> pathlib.Path:
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of ``main.py`` and ``cvt-train``."""
+    if argv is None:
+        # On Linux, first restart with huge pages for the allocator (faster on XLA's CPU backend; see hostmem).
+        hostmem.reexec_with_huge_pages()
     # TensorFlow's C++ start-up notes (oneDNN, CPU features) are not for this console; warnings still show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     argv = list(sys.argv if argv is None else argv)

@@ -328,6 +328,36 @@ def test_depthwise_shift_equals_conv(stride, padding, size):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("stride", "padding", "size"), [(1, 1, (7, 9)), (2, 1, (8, 8)), (2, 1, (7, 5)), (2, 0, (9, 6)), (3, 1, (8, 7))]
+)
+def test_depthwise_shift_gradient_equals_conv(stride, padding, size):
+    """The written-out backward pass of the shift path (custom_vjp) against autodiff of the grouped conv."""
+    x = jax.random.normal(jax.random.key(0), (2, *size, 5))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 5))
+
+    def conv(x, kernel):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), ((padding, padding),) * 2, dimension_numbers=dims, feature_group_count=5
+        )
+
+    cotangent = jax.random.normal(jax.random.key(2), conv(x, kernel).shape)
+    grads = [
+        jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * cotangent), argnums=(0, 1))(x, kernel)
+        for f in (lambda x, k: models.depthwise_conv_shift(x, k, stride, padding), conv)
+    ]
+    np.testing.assert_allclose(grads[0][0], grads[1][0], atol=1e-5)
+    np.testing.assert_allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-4)
+
+
+def test_gelu_is_exact_gelu():
+    x = jnp.linspace(-8.0, 8.0, 1001)
+    np.testing.assert_allclose(models.get_activation("gelu")(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+    g = jax.grad(lambda x: jnp.sum(models.get_activation("gelu")(x)))(x)
+    np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=False)))(x), atol=2e-6)
+
+
 def test_depthwise_impls_give_same_model():
     x = jax.random.normal(jax.random.key(1), (2, 20, 20, 3))
     ref = _tiny()
