@@ -11,7 +11,7 @@ glibc reads its tunables only when a process starts, so `reexec_with_huge_pages`
 (``os.execve``: same process id, same arguments) with ``GLIBC_TUNABLES`` extended, before JAX is imported. It
 does nothing when the tunable is already set, off Linux/glibc, on glibc older than 2.35, when the kernel has
 transparent huge pages switched off, when the command cannot be repeated (``python -c``, a script on standard
-input) or when ``CVT_FLAX_HUGE_PAGES=0``.
+input, an interactive session or notebook) or when ``CVT_FLAX_HUGE_PAGES=0``.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def reexec_with_huge_pages() -> None:
     Call it first thing in a command's entry point, before JAX (or anything that starts threads) is imported.
     Returns where no restart is wanted; otherwise does not return.
     """
+    if sys.flags.interactive or "IPython" in sys.modules or hasattr(sys, "ps1"):
+        return  # A notebook or interactive session: restarting would restart the session itself.
     argv = list(getattr(sys, "orig_argv", []))
     env = tuned_environment(os.environ, argv)
     if env is None:

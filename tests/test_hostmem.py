@@ -65,3 +65,10 @@ def test_the_command_restarts_once_with_the_same_arguments(tmp_path):
     starts = [lines[i + 1] for i, w in enumerate(lines) if w == "start"]
     assert len(starts) == 2 and starts[0] == starts[1]  # started twice, same process (execve)
     assert f"run {starts[0]} {hostmem.TUNABLE} ['a', '--b=1']" in out.stdout
+
+
+def test_no_restart_in_an_interactive_session(monkeypatch):
+    monkeypatch.setitem(sys.modules, "IPython", object())
+    monkeypatch.setattr(hostmem.os, "execve", lambda *a: pytest.fail("restarted an interactive session"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    hostmem.reexec_with_huge_pages()
