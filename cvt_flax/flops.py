@@ -12,11 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cvt_flax.models.spec import CvTSpec
-
-
-def _conv_out(n: int, k: int, s: int, p: int) -> int:
-    return (n + 2 * p - k) // s + 1
+from cvt_flax.models.spec import CvTSpec, conv_out_size
 
 
 def _pool_out_ceil(n: int, k: int, s: int, p: int) -> int:
@@ -29,7 +25,7 @@ def _pool_out_ceil(n: int, k: int, s: int, p: int) -> int:
 def _proj_grid(method: str, h: int, w: int, c: int, k: int, stride: int, pad: int) -> tuple[int, int, float]:
     """Output grid of a conv projection and its weights per output position."""
     if method == "dw_bn":
-        return _conv_out(h, k, stride, pad), _conv_out(w, k, stride, pad), float(k * k * c)
+        return conv_out_size(h, k, stride, pad), conv_out_size(w, k, stride, pad), float(k * k * c)
     if method == "avg":
         return _pool_out_ceil(h, k, stride, pad), _pool_out_ceil(w, k, stride, pad), 0.0
     return h, w, 0.0
@@ -63,7 +59,7 @@ def count_macs(
     c_in = spec.in_chans
     for i in range(spec.num_stages):
         k, s, p = spec.patch_size[i], spec.patch_stride[i], spec.patch_padding[i]
-        h, w = _conv_out(h, k, s, p), _conv_out(w, k, s, p)
+        h, w = conv_out_size(h, k, s, p), conv_out_size(w, k, s, p)
         c = spec.dim_embed[i]
         parts["embed"] += (k * k * c_in * c + c) * h * w
         cls = 1 if spec.cls_token[i] else 0

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvt_flax.models.spec import ACTIVATIONS, CvTSpec
+from cvt_flax.models.spec import ACTIVATIONS, CvTSpec, conv_out_size
 
 Array = jax.Array
 Dtype = Any
@@ -156,24 +156,35 @@ class ConvEmbed(nn.Module):
         return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
 
 
-def _shifted_sum(xp: Array, kernel: Array, stride: int, out_hw: tuple[int, int]) -> Array:
-    """``sum_ij xp[:, i + s*y, j + s*x, :] * kernel[i, j, 0]``: a depthwise correlation of a padded input."""
+def _tap(xp: Array, i: int, j: int, stride: int, out_hw: tuple[int, int]) -> Array:
+    """The ``(i, j)`` tap of a padded input: ``xp[:, i + s*y, j + s*x, :]`` for the ``out_hw`` output grid."""
     b, _, _, c = xp.shape
-    k = kernel.shape[0]
     oh, ow = out_hw
+    return jax.lax.slice(
+        xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c), (1, stride, stride, 1)
+    )
+
+
+def _shifted_sum(xp: Array, kernel: Array, stride: int, out_hw: tuple[int, int]) -> Array:
+    """``sum_ij tap_ij(xp) * kernel[i, j, 0]``: a depthwise correlation of a padded input."""
+    k = kernel.shape[0]
     out = None
     for i in range(k):
         for j in range(k):
-            patch = jax.lax.slice(
-                xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c), (1, stride, stride, 1)
-            )
-            term = patch * kernel[i, j, 0]
+            term = _tap(xp, i, j, stride, out_hw) * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
 
 
-def _dw_out_size(n: int, k: int, stride: int, padding: int) -> int:
-    return (n + 2 * padding - k) // stride + 1
+def _pad_hw(x: Array, padding: int) -> Array:
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def _depthwise_shift(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    _, h, w, _ = x.shape
+    k = kernel.shape[0]
+    out_hw = (conv_out_size(h, k, stride, padding), conv_out_size(w, k, stride, padding))
+    return _shifted_sum(_pad_hw(x, padding), kernel, stride, out_hw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -194,36 +205,27 @@ def depthwise_conv_shift(x: Array, kernel: Array, stride: int, padding: int) -> 
       stride: Stride.
       padding: Zero padding on every side.
     """
-    _, h, w, _ = x.shape
-    k = kernel.shape[0]
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    return _shifted_sum(xp, kernel, stride, (_dw_out_size(h, k, stride, padding), _dw_out_size(w, k, stride, padding)))
+    return _depthwise_shift(x, kernel, stride, padding)
 
 
 def _dw_fwd(x: Array, kernel: Array, stride: int, padding: int) -> tuple[Array, tuple[Array, Array]]:
-    return depthwise_conv_shift(x, kernel, stride, padding), (x, kernel)
+    return _depthwise_shift(x, kernel, stride, padding), (x, kernel)
 
 
 def _dw_bwd(stride: int, padding: int, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     x, kernel = res
-    b, h, w, c = x.shape
+    _, h, w, c = x.shape
     k = kernel.shape[0]
-    _, oh, ow, _ = g.shape
+    out_hw = g.shape[1:3]
     # Input gradient: dilate the output gradient by the stride, pad it so that every input pixel sees the
     # k x k window of outputs it fed, and correlate with the flipped kernel.
     lo = k - 1 - padding
-    dims = [(0, 0, 0)] + [(lo, n - ((o - 1) * stride + 1) + padding, stride - 1) for n, o in ((h, oh), (w, ow))]
-    gp = jax.lax.pad(g, jnp.array(0, g.dtype), dims + [(0, 0, 0)])
+    dims = [(lo, n - ((o - 1) * stride + 1) + padding, stride - 1) for n, o in zip((h, w), out_hw, strict=True)]
+    gp = jax.lax.pad(g, jnp.array(0, g.dtype), [(0, 0, 0), *dims, (0, 0, 0)])
     dx = _shifted_sum(gp, kernel[::-1, ::-1], 1, (h, w))
-    # Kernel gradient: for each tap, the sum over batch and positions of input slice times output gradient.
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    taps = []
-    for i in range(k):
-        for j in range(k):
-            patch = jax.lax.slice(
-                xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c), (1, stride, stride, 1)
-            )
-            taps.append(jnp.sum(patch * g, axis=(0, 1, 2)))
+    # Kernel gradient: for each tap, the sum over batch and positions of input tap times output gradient.
+    xp = _pad_hw(x, padding)
+    taps = [jnp.sum(_tap(xp, i, j, stride, out_hw) * g, axis=(0, 1, 2)) for i in range(k) for j in range(k)]
     dk = jnp.stack(taps).reshape(k, k, 1, c).astype(kernel.dtype)
     return dx.astype(x.dtype), dk
 

@@ -36,6 +36,11 @@ YAML_KEYS = {
 }
 
 
+def conv_out_size(n: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a convolution (floor mode, symmetric zero padding) over an input of length ``n``."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
 @dataclasses.dataclass(frozen=True)
 class CvTSpec:
     """Per-stage architecture of a CvT (all tuples have one entry per stage).
@@ -169,8 +174,7 @@ class CvTSpec:
         grids = []
         h, w = height, width
         for i, (k, s, p) in enumerate(zip(self.patch_size, self.patch_stride, self.patch_padding, strict=True)):
-            h_out = (h + 2 * p - k) // s + 1
-            w_out = (w + 2 * p - k) // s + 1
+            h_out, w_out = conv_out_size(h, k, s, p), conv_out_size(w, k, s, p)
             if h_out < 1 or w_out < 1:
                 raise ValueError(
                     f"Input of {height}x{width} is too small for this CvT: stage {i}'s token "
