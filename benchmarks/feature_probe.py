@@ -25,16 +25,12 @@ import numpy as np
 
 
 def _load(files: list[tuple[str, int]], size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
+    """Images resized to ``size`` in [0, 1] (`cvt_flax.serving.preprocess` without normalisation) and labels."""
+    from cvt_flax import serving
 
-    from cvt_flax import paths
-
-    mode = "L" if channels == 1 else "RGB"
-    images = []
-    for path, _ in files:
-        with paths.as_path(path).open("rb") as f:
-            image = Image.open(f).convert(mode).resize((size, size), Image.BILINEAR)
-        images.append(np.asarray(image, np.float32).reshape(size, size, channels) / 255.0)
+    plain = {"image_size": size, "channels": channels, "crop": "none", "interpolation": "bilinear", "mean": 0.0,
+             "std": 1.0}  # fmt: skip
+    images = [serving.preprocess(path, plain) for path, _ in files]
     return np.stack(images), np.asarray([label for _, label in files])
 
 
@@ -50,15 +46,19 @@ def nearest_class_mean(train: np.ndarray, train_labels: np.ndarray, test: np.nda
     return float((classes[np.argmax(test @ centroids.T, axis=1)] == test_labels).mean())
 
 
-def _features(model: Any, variables: Any, images: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
+def _features(model: Any, variables: Any, *image_sets: np.ndarray, batch: int = 256) -> list[dict[str, np.ndarray]]:
+    """Flattened features of each image set (one jitted function for all of them)."""
     apply = jax.jit(lambda v, x: model.apply(v, x, return_features=True)[1])
-    out: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(images), batch):
-        feats = apply(variables, jnp.asarray(images[i : i + batch]))
-        for name, value in feats.items():
-            if value is not None:
-                out.setdefault(name, []).append(np.asarray(value).reshape(len(value), -1))
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+    results = []
+    for images in image_sets:
+        out: dict[str, list[np.ndarray]] = {}
+        for i in range(0, len(images), batch):
+            feats = apply(variables, jnp.asarray(images[i : i + batch]))
+            for name, value in feats.items():
+                if value is not None:
+                    out.setdefault(name, []).append(np.asarray(value).reshape(len(value), -1))
+        results.append({name: np.concatenate(parts) for name, parts in out.items()})
+    return results
 
 
 def probe(model_dir: str, data_dir: str, per_class: int, seed: int, split: str = "train", eval_split: str = "test"):
@@ -82,8 +82,8 @@ def probe(model_dir: str, data_dir: str, per_class: int, seed: int, split: str =
 
     fresh = models.create_model(spec, model.num_classes, init_method=getattr(model, "init_method", "trunc_norm"))
     fresh_vars = fresh.init(jax.random.key(seed), jnp.zeros((1, size, size, spec.in_chans)))
-    trained = (_features(model, variables, x_train), _features(model, variables, x_test))
-    random = (_features(fresh, fresh_vars, x_train), _features(fresh, fresh_vars, x_test))
+    trained = _features(model, variables, x_train, x_test)
+    random = _features(fresh, fresh_vars, x_train, x_test)
     rows = [{"features": "pixels", "pretrained": nearest_class_mean(x_train, y_train, x_test, y_test), "random": None}]
     order = [n for n in trained[0] if n.startswith("stage")] + [n for n in trained[0] if not n.startswith("stage")]
     for name in order:
