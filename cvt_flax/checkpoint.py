@@ -32,7 +32,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax
@@ -86,6 +86,21 @@ def _json_ready(info: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def full_disk_is_user_error(message: Callable[[], str]) -> Iterator[None]:
+    """A full disk in the block (an Orbax save) becomes one `UserError` of ``message()``.
+
+    The tracebacks that Orbax's writer threads print after such a failure are held back (`errors.held_stderr`).
+    """
+    try:
+        with errors.held_stderr(drop_if=_is_disk_full):
+            yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        raise UserError(message()) from e
+
+
 def save_model(
     directory: str | os.PathLike,
     variables: Mapping[str, Any],
@@ -137,19 +152,16 @@ def save_model(
     tree = {c: _to_numpy_tree(variables.get(c, {})) for c in COLLECTIONS}
     # Orbax writes into a temporary directory and renames it when complete (on Cloud Storage: writes in place and
     # marks the end with commit_success.txt).
-    try:
-        with errors.held_stderr(drop_if=_is_disk_full):
-            ocp.PyTreeCheckpointer().save(target, tree, force=True)
+    with full_disk_is_user_error(
+        lambda: (
+            f"No space left on the device of {directory} while writing the model there. Free space there or "
+            "choose another --workdir, then restart the same command; the checkpoints already saved stay restorable."
+        )
+    ):
+        ocp.PyTreeCheckpointer().save(target, tree, force=True)
         # model.json is written last (atomically), so its presence marks a complete checkpoint.
         if jax.process_index() == 0:
             paths.write_text(directory / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
-    except Exception as e:
-        if not _is_disk_full(e):
-            raise
-        raise UserError(
-            f"No space left on the device of {directory} while writing the model there. Free space there or choose "
-            "another --workdir, then restart the same command; the checkpoints already saved stay restorable."
-        ) from e
     return directory
 
 
@@ -365,23 +377,22 @@ class Checkpoints:
     @contextlib.contextmanager
     def _disk_errors(self, step: int | None = None) -> Any:
         """Turns a full disk during a save into one message naming the folder and the space a checkpoint needs."""
-        try:
-            with errors.held_stderr(drop_if=_is_disk_full):  # not the tracebacks of Orbax's threads after it
-                yield
-        except Exception as e:
-            if not _is_disk_full(e):
-                raise
+
+        def message() -> str:
             steps = [s for s in self.all_steps() if s != step]
             need = _dir_size(self.directory / str(steps[-1])) if steps else getattr(self, "_state_bytes", 0)
             kept = (
                 f"the checkpoints already saved (steps {steps}) stay restorable" if steps else "no checkpoint existed"
             )
-            raise UserError(
+            return (
                 f"No space left on the device of {self.directory} while saving "
                 f"{'step ' + str(step) if step is not None else 'a checkpoint'} (a checkpoint needs about "
                 f"{need / 2**20:.1f} MiB). Free space there or choose another --workdir, then restart the same "
                 f"command; {kept}."
-            ) from e
+            )
+
+        with full_disk_is_user_error(message):
+            yield
 
     def _save(self, step: int, state: TrainState, meta: Mapping[str, Any], metrics: Mapping[str, float] | None):
         self.manager.save(
