@@ -164,6 +164,8 @@ class Phase:
       peak_bytes: Device peak bytes in use after the phase.
       memory_estimate: The executable's own memory need (XLA buffer assignment), where known.
       last: What the last step returned.
+      minor_faults_per_step: Minor page faults of the whole process per timed step (host allocations that
+        touch fresh memory; see `cvt_flax.hostmem`), where ``getrusage`` is available.
     """
 
     batch: int
@@ -173,6 +175,7 @@ class Phase:
     peak_bytes: int | None
     memory_estimate: int | None = None
     last: Any = None
+    minor_faults_per_step: float | None = None
 
     @property
     def step_s(self) -> float | None:
@@ -184,6 +187,16 @@ class Phase:
         """Batch over the median step time."""
         sec = self.step_s
         return self.batch / sec if sec else None
+
+
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (``getrusage``), or None where it is not available."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return None
 
 
 def measure(
@@ -231,11 +244,13 @@ def measure(
         last = step()
         backend.sync(last)
     times = []
+    faults0 = _minor_faults()
     for _ in range(steps):
         t0 = time.perf_counter()
         last = step()
         backend.sync(last)
         times.append(time.perf_counter() - t0)
+    faults1 = _minor_faults()
     progress(f"median step {1e3 * median(times):.2f} ms" if times else "no timed steps")
     return Phase(
         batch=batch,
@@ -245,6 +260,7 @@ def measure(
         peak_bytes=backend.peak_bytes(),
         memory_estimate=memory_estimate() if memory_estimate else None,
         last=last,
+        minor_faults_per_step=(faults1 - faults0) / steps if steps and faults0 is not None else None,
     )
 
 
@@ -259,6 +275,7 @@ def phase_fields(prefix: str, phase: Phase, flops_per_image: float, peak: float 
         f"{prefix}_first_step_s": phase.first_step_s,
         f"{prefix}_peak_bytes_in_use": phase.peak_bytes,
         f"{prefix}_memory_estimate_bytes": phase.memory_estimate,
+        f"{prefix}_minor_faults_per_step": phase.minor_faults_per_step,
         f"{prefix}_tflops_per_s": flops_per_image * ips / 1e12 if ips else None,
         f"mfu_{prefix}": mfu(flops_per_image, ips, peak),
     }

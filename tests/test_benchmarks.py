@@ -23,6 +23,7 @@ RECORD_KEYS = {
     "train_step_s", "train_images_per_s", "train_compile_s", "train_peak_bytes_in_use", "infer_step_s",
     "infer_images_per_s", "infer_compile_s", "peak_bytes_in_use", "train_flops_per_image",
     "inference_flops_per_image", "peak_tflops", "mfu_train", "mfu_infer", "num_params", "train_loss",
+    "train_minor_faults_per_step",
 }  # fmt: skip
 # SGD and --fast-compile: XLA:CPU compiles the train step several times faster than AdamW at -O2.
 TINY = ["--dtype", "float32", "--steps", "2", "--warmup", "1", "--set", "optimizer=sgd", "--fast-compile"]
@@ -175,6 +176,7 @@ def test_compare_jax_and_torch_in_one_process(tmp_path):
         missing = RECORD_KEYS - set(rec)
         assert not missing, (rec["framework"], missing, rec.get("error"))
         assert rec["train_images_per_s"] > 0 and rec["infer_images_per_s"] > 0
+        assert rec["train_minor_faults_per_step"] >= 0
         assert math.isfinite(rec["train_loss"]) and rec["recipe"] == "configs/cifar100.py:variant=cvt_tiny"
     # Same model, same FLOP count on both sides; the parameter counts agree (torch's BN has no extra params).
     assert by_fw["jax"]["train_flops_per_image"] == by_fw["torch"]["train_flops_per_image"]
