@@ -118,6 +118,23 @@ def load_image(image: Any) -> Any:
     return Image.fromarray(array)
 
 
+def resize_image(im: Any, size: int, shorter_side: int | None, resample: Any) -> Any:
+    """A PIL image -> ``size x size``: a plain resize (``shorter_side`` None), or the evaluation centre crop.
+
+    The centre crop resizes the shorter side to ``shorter_side`` (``floor(size / crop_pct)``; the other side in
+    proportion, at least ``size``), then takes the centre ``size x size``. The one PIL form of the rule, used for
+    serving and by the TensorFlow-free input pipeline (`cvt_flax.data.device`).
+    """
+    if shorter_side is None:
+        return im if im.size == (size, size) else im.resize((size, size), resample)
+    scale = shorter_side / min(im.size)
+    w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+    if (w, h) != im.size:
+        im = im.resize((w, h), resample)
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
 def preprocess(image: Any, preprocessing: Mapping[str, Any]) -> np.ndarray:
     """One image -> the model's input ``[H, W, C]`` float32, as ``preprocessing`` says (PIL + numpy).
 
@@ -134,15 +151,8 @@ def preprocess(image: Any, preprocessing: Mapping[str, Any]) -> np.ndarray:
     im = im.convert("L" if channels == 1 else "RGB")  # 'L': ITU-R 601-2 luminance
     size = int(preprocessing["image_size"])
     resample = _RESAMPLE[str(preprocessing.get("interpolation", "bilinear"))]
-    if preprocessing.get("crop", "none") == "center":
-        scale = int(preprocessing["resize"]) / min(im.size)
-        w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
-        if (w, h) != im.size:
-            im = im.resize((w, h), resample)
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    elif im.size != (size, size):
-        im = im.resize((size, size), resample)
+    center = preprocessing.get("crop", "none") == "center"
+    im = resize_image(im, size, int(preprocessing["resize"]) if center else None, resample)
     x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
     if x.ndim == 2:
         x = x[..., None]

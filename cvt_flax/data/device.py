@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cvt_flax import paths
+from cvt_flax import paths, serving
 from cvt_flax import sharding as sharding_lib
 from cvt_flax.data import augment_jax as aug
 from cvt_flax.data import info as info_lib
@@ -45,15 +45,8 @@ def _pil_geometry(img: Any, size: int, mode: str, ratio: float) -> Any:
     """PIL image -> ``size x size``: plain resize, or (eval) shorter side to floor(size / ratio) + centre crop."""
     from PIL import Image
 
-    if mode == "center_crop":
-        scale = math.floor(size / ratio) / min(img.size)
-        w, h = max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale))
-        img = img.resize((w, h), Image.BILINEAR)
-        left, top = (w - size) // 2, (h - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return img
+    shorter_side = math.floor(size / ratio) if mode == "center_crop" else None
+    return serving.resize_image(img, size, shorter_side, Image.BILINEAR)
 
 
 def _decode(data: bytes | np.ndarray, channels: int, geometry: tuple[int, str, float] | None) -> np.ndarray:
