@@ -67,7 +67,7 @@ def tuned_environment(
     tunables = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables or not platform_name.startswith("linux"):
         return None
-    if len(argv) < 2 or any(a in ("-c", "-") for a in argv[1:2]) or argv[1].startswith("-c"):
+    if len(argv) < 2 or argv[1] == "-" or argv[1].startswith("-c"):  # python -c ... / a script on stdin
         return None
     version = _glibc_version() if glibc is None else glibc
     if version is None or version < MIN_GLIBC:
