@@ -150,6 +150,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.1
     # Exponential moving average of the parameters (0 disables); evaluated when on.
     config.ema_decay = 0.0
+    # Fine-tuning controls (cvt_flax/param_groups.py). freeze: comma-separated regular
+    # expressions of variable names kept fixed (full match, names as init_from_skip's,
+    # e.g. 'params/stage[01]/.*,batch_stats/stage[01]/.*'; a linear probe:
+    # 'params/(?!head/).*,batch_stats/.*'). layer_decay: layer-wise learning-rate decay,
+    # each layer below the head gets layer_decay times its upper neighbour's rate (0: off).
+    config.freeze = ""
+    config.layer_decay = 0.0
 
     # ---------------------------------------------------------------- run
     # Seed of initialisation, data order, augmentation and dropout.

@@ -28,7 +28,10 @@ Options (``:key=value,...``):
 
 Recipe: a short cosine schedule with a 10% warmup, label smoothing 0.1,
 stochastic depth 0.1, no mixup/cutmix/RandAugment/erasing, gradient clipping
-1.0, no weight decay with SGD (the usual fine-tuning choice).
+1.0, no weight decay with SGD (the usual fine-tuning choice). Every parameter
+trains; ``--config.freeze`` (regular expressions of variables to keep, e.g.
+``'params/stage[01]/.*,batch_stats/stage[01]/.*'``) and ``--config.layer_decay``
+(e.g. 0.75) change that (configs/default.py, cvt_flax/param_groups.py).
 """
 
 import ml_collections

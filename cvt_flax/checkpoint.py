@@ -29,7 +29,6 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,7 +44,7 @@ from etils import epath
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
-from cvt_flax import errors, paths, sharding
+from cvt_flax import errors, param_groups, paths, sharding
 from cvt_flax.errors import UserError
 from cvt_flax.models import weights
 
@@ -759,10 +758,7 @@ def merge_pretrained(
     """
     head_reinit = check_pretrained(target, loaded, info=info, model_name=model_name, head=head) or new_head
     flat_t, flat_l = _flat_variables(target), _flat_variables(loaded)
-    try:
-        patterns = [re.compile(p) for p in skip]
-    except re.error as e:
-        raise ValueError(f"--config.init_from_skip: {e.pattern!r} is not a regular expression ({e}).") from e
+    patterns = param_groups.parse_patterns(skip, option="--config.init_from_skip")
     for p in patterns:
         if not any(p.fullmatch(k) for k in flat_t):
             raise ValueError(
@@ -961,9 +957,10 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
 
     Returns:
       ``{'identity': [...], 'recipe': [...], 'free': [...]}`` of ``(field, saved, current)``. ``identity``: the
-      model, data or train-state layout changed (`IDENTITY_FIELDS`, and EMA or gradient clipping switched on or
-      off, which changes the optimizer state); ``free``: run control and implementation (`FREE_FIELDS`), and
-      fields the saved config does not have (added to cvt-flax after that run started);
+      model, data or train-state layout changed (`IDENTITY_FIELDS`; EMA, gradient clipping or layer decay
+      switched on or off, or another ``freeze``, which change the optimizer state); ``free``: run control and
+      implementation (`FREE_FIELDS`), and fields the saved config does not have (added to cvt-flax after that
+      run started);
       ``recipe``: everything else (schedule, optimisation, augmentation, regularisation, seed).
     """
     a, b = _flat(saved), _flat(current)
@@ -973,6 +970,9 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
         if old == new:
             continue
         toggled = key in ("ema_decay", "grad_clip_norm") and (float(old or 0) > 0) != (float(new or 0) > 0)
+        # The optimizer state's layout follows the frozen set and whether layer decay is on.
+        toggled = toggled or (key == "freeze" and (old or "") != (new or ""))
+        toggled = toggled or (key == "layer_decay" and (0 < float(old or 0) < 1) != (0 < float(new or 0) < 1))
         if key in IDENTITY_FIELDS or toggled:
             kind = "identity"
         elif key in FREE_FIELDS or key not in a:  # not in the saved config: a field added to cvt-flax since

@@ -60,7 +60,7 @@ from etils import epath
 from flax import traverse_util
 
 from cvt_flax import checkpoint as ckpt_lib
-from cvt_flax import data, errors, flops, models, paths, plots, sharding, writers
+from cvt_flax import data, errors, flops, models, param_groups, paths, plots, sharding, writers
 from cvt_flax import train_utils as tu
 from cvt_flax.errors import UserError
 
@@ -105,6 +105,32 @@ def validate_image_size(config: ml_collections.ConfigDict, spec: models.CvTSpec)
 
 
 # ----------------------------------------------------------------------------- run helpers
+
+
+def log_param_groups(config: ml_collections.ConfigDict, program: tu.TrainProgram) -> None:
+    """Logs what ``--config.freeze`` keeps fixed and the learning-rate multipliers of ``--config.layer_decay``."""
+    freeze = param_groups.Freeze(config.get("freeze", ""))
+    params = program.abstract_state.params
+    if freeze:
+        mask = jax.tree.leaves(freeze.mask(params, "params"))
+        sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(params)]
+        frozen = sum(n for n, f in zip(sizes, mask, strict=True) if f)
+        stats = jax.tree.leaves(freeze.mask(program.abstract_state.batch_stats or {}, "batch_stats"))
+        logging.info(
+            "Frozen (--config.freeze=%r): %s of %s parameters (%d of %d arrays) and %d of %d BatchNorm statistics "
+            "arrays; training %s.",
+            freeze.text, f"{frozen:,}", f"{sum(sizes):,}", sum(mask), len(mask), sum(stats), len(stats),
+            f"{sum(sizes) - frozen:,}",
+        )  # fmt: skip
+    decay = float(config.get("layer_decay", 0.0))
+    if param_groups.layer_decay_active(decay):
+        depth = program.model.spec.depth
+        top = param_groups.num_layers(depth)
+        logging.info(
+            "Layer-wise lr decay %.3g over %d layers: stage embeddings x%s, the last block x%.3g, norm and head x1.",
+            decay, top, ", ".join(f"{decay ** (top - param_groups.layer_id(f'stage{s}', depth)):.3g}"
+                                  for s in range(len(depth))), decay,
+        )  # fmt: skip
 
 
 class _StopFlag:
@@ -292,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             run.total_steps, run.total_steps / run.steps_per_epoch, run.steps_per_epoch, config.batch_size,
             tu.peak_learning_rate(config), run.warmup_steps, run.eval_every_steps, run.checkpoint_every_steps,
         )  # fmt: skip
+        log_param_groups(config, program)
 
     # ------------------------------------------------------------------ load checkpoint
     # Resume order (checkpoint.restore_or_initialize): the workdir's latest checkpoint (the whole state), else

@@ -11,7 +11,7 @@ replicated).
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -25,7 +25,7 @@ from clu import metrics as clu_metrics
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from cvt_flax import models
+from cvt_flax import models, param_groups
 from cvt_flax.sharding import data_sharding, replicated_sharding
 
 PyTree = Any
@@ -140,11 +140,23 @@ def weight_decay_mask(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule, depth: Sequence[int] | None = None
+) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay) or SGD with momentum, with optional global-norm clipping.
 
     Weight decay skips biases, norms and class tokens (`weight_decay_mask`). For SGD
     the decay is added to the gradient before momentum, like ``torch.optim.SGD``.
+    ``--config.layer_decay`` scales each layer's updates and ``--config.freeze`` leaves
+    the matching parameters out of everything, clipping included (`cvt_flax.param_groups`).
+
+    Args:
+      config: The run config.
+      schedule: Learning-rate schedule.
+      depth: Blocks per stage of the model (``spec.depth``); needed with ``layer_decay``.
+
+    Raises:
+      ValueError: an unknown optimizer, a bad ``freeze`` pattern, or ``layer_decay`` without ``depth``.
     """
     name = config.optimizer.lower()
     if name == "adamw":
@@ -165,7 +177,14 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; set --config.optimizer to one of {OPTIMIZERS}.")
     if config.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    return tx
+    decay = float(config.get("layer_decay", 0.0))
+    if param_groups.layer_decay_active(decay):
+        if depth is None:
+            raise ValueError("--config.layer_decay needs the model's depth per stage (create_optimizer(depth=...)).")
+        tx = optax.chain(tx, param_groups.scale_by_layer_decay(tuple(depth), decay))
+    elif decay < 0 or decay > 1:
+        raise ValueError(f"--config.layer_decay={decay} must be in [0, 1] (0 or 1: off; 0.75 is usual).")
+    return param_groups.Freeze(config.get("freeze", "")).wrap(tx)
 
 
 # ----------------------------------------------------------------------------- model and state
@@ -325,6 +344,7 @@ def train_step(
     schedule: optax.Schedule,
     mix_fn: MixFn | None = None,
     ema_decay: float = 0.0,
+    freeze: param_groups.Freeze | None = None,
 ) -> tuple[TrainState, TrainMetrics]:
     """One optimizer step on a global batch.
 
@@ -341,6 +361,8 @@ def train_step(
       mix_fn: ``(rng, images, targets) -> (images, targets)`` on-device mixup/cutmix,
         or None.
       ema_decay: Parameter EMA decay (0: no EMA).
+      freeze: Variables kept fixed (`param_groups.Freeze`): their gradients are zeroed
+        (so not computed, and not in the logged norm) and their BatchNorm statistics kept.
 
     Returns:
       The new state and the step's `TrainMetrics`.
@@ -364,6 +386,9 @@ def train_step(
         return loss, (logits, new_vars.get("batch_stats", state.batch_stats))
 
     (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if freeze:
+        grads = freeze.zero_frozen(grads)
+        new_batch_stats = freeze.keep_frozen_stats(state.batch_stats, new_batch_stats)
     grad_norm = optax.global_norm(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
     if state.ema_params is not None and ema_decay > 0:
@@ -402,6 +427,7 @@ def make_train_step(
     schedule: optax.Schedule,
     mix_fn: MixFn | None,
     ema_decay: float,
+    freeze: param_groups.Freeze | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, TrainMetrics]]:
     """``jax.jit`` of `train_step` over ``mesh``: replicated state (donated), batch sharded on ``'data'``."""
     fn = functools.partial(
@@ -412,6 +438,7 @@ def make_train_step(
         schedule=schedule,
         mix_fn=mix_fn,
         ema_decay=ema_decay,
+        freeze=freeze,
     )
     rep, dat = replicated_sharding(mesh), data_sharding(mesh)
     return jax.jit(fn, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=0)
@@ -487,7 +514,7 @@ class TrainProgram:
 
     @property
     def num_params(self) -> int:
-        """Trainable parameters."""
+        """Parameters of the model (frozen ones included)."""
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
 
 
@@ -509,7 +536,8 @@ def build_program(
     model = create_model(config, num_classes, in_chans)
     run = derive_run_length(config, num_train_examples)
     schedule = create_learning_rate_schedule(config, run)
-    tx = create_optimizer(config, schedule)
+    tx = create_optimizer(config, schedule, model.spec.depth)
+    freeze = param_groups.Freeze(config.get("freeze", ""))
     root_rng = jax.random.PRNGKey(config.seed)
     init_rng, dropout_rng = jax.random.fold_in(root_rng, 0), jax.random.fold_in(root_rng, 1)
 
@@ -521,6 +549,8 @@ def build_program(
     # (random initialisers make a large program; this cuts its compile time ~3x).
     init_opts = CHEAP_COMPILE if jax.default_backend() == "cpu" else None
     init_state = jax.jit(init_fn, out_shardings=replicated_sharding(mesh), compiler_options=init_opts)
+    abstract_state = jax.eval_shape(init_fn, init_rng)
+    freeze.check({"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}, config.model)
     train = make_train_step(
         mesh,
         base_rng=dropout_rng,
@@ -529,6 +559,7 @@ def build_program(
         schedule=schedule,
         mix_fn=make_mix_fn(config.aug),
         ema_decay=float(config.ema_decay),
+        freeze=freeze,
     )
     return TrainProgram(
         model=model,
@@ -538,7 +569,7 @@ def build_program(
         init_rng=init_rng,
         dropout_rng=dropout_rng,
         init_state=init_state,
-        abstract_state=jax.eval_shape(init_fn, init_rng),
+        abstract_state=abstract_state,
         train_step=train,
         eval_step=make_eval_step(mesh, model.apply),
         num_classes=int(num_classes),

@@ -343,6 +343,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shared_dir, tm
         ({"optimizer": "lamb"}, ValueError, r"Unknown optimizer 'lamb'"),
         ({"dtype": "float8"}, ValueError, r"Unknown dtype 'float8'"),
         ({"depthwise_impl": "fft"}, ValueError, r"Unknown depthwise_impl 'fft'.*--config.depthwise_impl"),
+        ({"freeze": "params/stage7/.*"}, ValueError, r"--config.freeze: 'params/stage7/.\*' matches no variable"),
+        ({"layer_decay": 2.0}, ValueError, r"--config.layer_decay=2.0 must be in \[0, 1\]"),
         ({"require_init_from": True}, ValueError, r"--config.init_from is empty"),
         ({"eval_only": True}, ValueError, r"eval_only=True needs weights"),
         ({"init_from": "/nonexistent/ckpt"}, ValueError, r"init_from='/nonexistent/ckpt' does not exist"),
