@@ -151,7 +151,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Exponential moving average of the parameters (0 disables); evaluated when on.
     config.ema_decay = 0.0
     # Fine-tuning controls (cvt_flax/param_groups.py). freeze: comma-separated regular
-    # expressions of variable names kept fixed (full match, names as init_from_skip's,
+    # expressions of variable names kept fixed (full match, names as init_from_skip's; commas
+    # inside brackets, as in {1,2}, belong to the expression;
     # e.g. 'params/stage[01]/.*,batch_stats/stage[01]/.*'; a linear probe:
     # 'params/(?!head/).*,batch_stats/.*'). layer_decay: layer-wise learning-rate decay,
     # each layer below the head gets layer_decay times its upper neighbour's rate (0: off).

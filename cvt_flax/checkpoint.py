@@ -781,7 +781,7 @@ def apply_init_from(
 ) -> TrainState:
     """Copies checked pretrained variables into a freshly initialised state (new head when needed)."""
     target = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    skip = [p.strip() for p in str(config.init_from_skip).split(",") if p.strip()]
+    skip = [p.strip() for p in param_groups.split_patterns(str(config.init_from_skip)) if p.strip()]
     merged, head_reinit = merge_pretrained(
         target, loaded, info=info, model_name=config.model, new_head=bool(config.new_head), skip=skip
     )

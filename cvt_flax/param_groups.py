@@ -55,15 +55,45 @@ def variable_names(variables: Mapping[str, PyTree]) -> list[str]:
 # ----------------------------------------------------------------------------- freezing
 
 
+def split_patterns(text: str) -> list[str]:
+    r"""Splits ``text`` at the commas outside brackets, so that ``'blocks_[0-9]{1,2}/.*,head/.*'`` is two entries.
+
+    A backslash-escaped character never splits or nests (``'a\,b'`` is one entry), nor does anything
+    inside a character class (``'[(,]'``).
+    """
+    items, current, depth, escaped, in_class = [], [], 0, False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "({":
+            depth += 1
+        elif ch in ")}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0 and not in_class:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    items.append("".join(current))
+    return items
+
+
 def parse_patterns(text: str | Sequence[str], option: str = "--config.freeze") -> tuple[re.Pattern[str], ...]:
     """Compiles a comma-separated list (or a sequence) of regular expressions; empty entries are skipped.
 
-    The one parser of ``--config.freeze`` and ``--config.init_from_skip``.
+    The one parser of ``--config.freeze`` and ``--config.init_from_skip``; commas inside brackets
+    (``{1,2}``, ``(a|b,c)``) belong to the expression (`split_patterns`).
 
     Raises:
       ValueError: an entry that is not a regular expression (names the option and the entry).
     """
-    items = str(text or "").split(",") if isinstance(text, str) or text is None else list(text)
+    items = split_patterns(str(text or "")) if isinstance(text, str) or text is None else list(text)
     out = []
     for p in (s.strip() for s in items):
         if not p:

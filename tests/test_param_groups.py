@@ -104,6 +104,17 @@ def test_freeze_masks_and_statistics():
     assert float(grads["stage1"]["k"].sum()) == 0.0 and float(grads["head"]["k"].sum()) == 3.0
 
 
+def test_pattern_lists_split_only_at_top_level_commas():
+    assert param_groups.split_patterns("params/stage2/blocks_[0-9]{1,2}/.*, head/.*") == [
+        "params/stage2/blocks_[0-9]{1,2}/.*",
+        " head/.*",
+    ]
+    assert param_groups.split_patterns(r"a\,b,(c,d),[,],e") == [r"a\,b", "(c,d)", "[,]", "e"]
+    f = param_groups.Freeze("params/stage2/blocks_[0-9]{1,2}/.*,params/head/.*")
+    assert len(f.patterns) == 2 and f.matches("params/stage2/blocks_1/mlp/fc1/kernel")
+    assert not f.matches("params/stage2/patch_embed/proj/kernel")
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
