@@ -321,10 +321,6 @@ def _dir_size(path: epath.Path) -> int:
     return sum(p.stat().length for p in paths.files_under(path)) if path.is_dir() else 0
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 class Checkpoints:
     """Orbax checkpoints of the train state: the last ``keep`` plus the best by eval accuracy.
 
@@ -410,7 +406,10 @@ class Checkpoints:
         try:
             tree = self.manager.item_metadata(step)["state"]
             tree = getattr(tree, "tree", tree)
-            return {_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+            return {
+                param_groups.path_name(path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            }
         except Exception:  # noqa: BLE001 - unreadable metadata means a damaged checkpoint
             return None
 
@@ -456,7 +455,7 @@ class Checkpoints:
         stored = self._stored_shapes(step)
         if stored is None:
             raise DamagedCheckpointError(self.directory / str(step), "its array metadata cannot be read")
-        wanted = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+        wanted = {param_groups.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
         if stored != wanted:
             groups = sorted({k.split("/")[0] for k in set(stored) ^ set(wanted)} |
                             {k.split("/")[0] for k in set(stored) & set(wanted) if stored[k] != wanted[k]})  # fmt: skip

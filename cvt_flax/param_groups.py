@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -207,29 +207,21 @@ def layer_id(name: str, depth: Sequence[int]) -> int:
     return base + 1 + int(b.group(1)) if b else base
 
 
-def layer_scales(params: PyTree, depth: Sequence[int], decay: float) -> PyTree:
-    """A tree like ``params`` of learning-rate multipliers ``decay ** (L - layer_id)`` (Python floats)."""
-    top = num_layers(depth)
-    return jax.tree_util.tree_map_with_path(lambda p, _: float(decay) ** (top - layer_id(path_name(p), depth)), params)
-
-
-class ScaleByTreeState(NamedTuple):
-    """No state: the multipliers follow from the parameter names."""
+def layer_scale(name: str, depth: Sequence[int], decay: float) -> float:
+    """The learning-rate multiplier ``decay ** (L - layer_id)`` of parameter ``name`` (see `layer_id`)."""
+    return float(decay) ** (num_layers(depth) - layer_id(name, depth))
 
 
 def scale_by_layer_decay(depth: Sequence[int], decay: float) -> optax.GradientTransformation:
-    """Multiplies each update by its layer's ``decay ** (L - layer_id)`` (see `layer_id`)."""
+    """Multiplies each update by its layer's `layer_scale` (stateless; the multipliers follow from the names)."""
 
-    def init_fn(params: PyTree) -> ScaleByTreeState:
+    def init_fn(params: PyTree) -> optax.EmptyState:
         del params
-        return ScaleByTreeState()
+        return optax.EmptyState()
 
-    def update_fn(updates: PyTree, state: ScaleByTreeState, params: PyTree = None) -> tuple[PyTree, ScaleByTreeState]:
+    def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree = None) -> tuple[PyTree, optax.EmptyState]:
         del params
-        top = num_layers(depth)
-        scaled = jax.tree_util.tree_map_with_path(
-            lambda p, u: u * (float(decay) ** (top - layer_id(path_name(p), depth))), updates
-        )
+        scaled = jax.tree_util.tree_map_with_path(lambda p, u: u * layer_scale(path_name(p), depth, decay), updates)
         return scaled, state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -125,11 +125,10 @@ def log_param_groups(config: ml_collections.ConfigDict, program: tu.TrainProgram
     decay = float(config.get("layer_decay", 0.0))
     if param_groups.layer_decay_active(decay):
         depth = program.model.spec.depth
-        top = param_groups.num_layers(depth)
+        embeddings = ", ".join(f"{param_groups.layer_scale(f'stage{s}', depth, decay):.3g}" for s in range(len(depth)))
         logging.info(
             "Layer-wise lr decay %.3g over %d layers: stage embeddings x%s, the last block x%.3g, norm and head x1.",
-            decay, top, ", ".join(f"{decay ** (top - param_groups.layer_id(f'stage{s}', depth)):.3g}"
-                                  for s in range(len(depth))), decay,
+            decay, param_groups.num_layers(depth), embeddings, decay,
         )  # fmt: skip
 
 
