@@ -30,9 +30,11 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("copy/transpose", ("transpose", "copy", "memcpy", "memset", "concatenate", "slice", "pad")),
     ("fusion (elementwise)", ("fusion", "loop_", "input_", "triton", "wrapped_")),
 )
+# Host events that are not XLA operations; "end: <op>" is the CPU runtime's second event of each operation
+# (counting it would count every operation twice).
 _HOST_SKIP = ("$", "PjitFunction", "PjRt", "Pjrt", "ParseArguments", "Handle ", "Wait for", "ThreadpoolListener",
               "PythonRefManager", "AllocateOutput", "CreateOutputs", "ExecuteHelper", "ExecutePrepare",
-              "ThunkExecutor")  # fmt: skip
+              "ThunkExecutor", "end: ")  # fmt: skip
 
 
 def trace_steps(step: Callable[[], Any], sync: Callable[[Any], None], log_dir: str | pathlib.Path, steps: int) -> float:
@@ -104,7 +106,8 @@ def summarise(log_dir: str | pathlib.Path, top: int = 40) -> dict[str, Any]:
     lines = [
         f"Trace: {traces[-1]}",
         f"Source: {source}; {steps} step(s); {total_us / 1e3 / steps:.3f} ms of operation time per step "
-        "(summed over streams; overlapping kernels count twice)",
+        "(summed over streams; overlapping kernels count twice); "
+        f"{sum(v[0] for v in by_op.values()) / steps:.0f} operation calls per step",
         "",
         f"{'kind':28s} {'ms/step':>10s} {'share':>7s}",
     ]
