@@ -163,6 +163,7 @@ def train_recipe(config: Any, num_classes: int) -> dict[str, Any]:
         "momentum": float(config.momentum),
         "nesterov": bool(config.nesterov),
         "grad_clip_norm": float(config.grad_clip_norm),
+        "log_grad_norm": tu.log_grad_norm(config),
         "label_smoothing": float(config.label_smoothing),
         "mixup_alpha": float(config.aug.mixup_alpha),
         "cutmix_alpha": float(config.aug.cutmix_alpha),

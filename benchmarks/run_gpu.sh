@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU speed benchmark in one command: the training loop's own step (JAX/Flax) against the HuggingFace CvT
-# doing the same recipe (torch eager and torch.compile) on one GPU, bf16, plus a profile of our steps.
+# The GPU speed benchmark in one command: first the compile report on this GPU (benchmarks/compile_only.py with
+# --targets attached: our and the plain program's compile, autotuning, memory and measured images/s), then the
+# training loop's own step (JAX/Flax) against the HuggingFace CvT doing the same recipe (torch eager and
+# torch.compile) on one GPU, bf16, plus a profile of our steps.
 #
 #   ../shared/device/stage.sh                      # here, once: the kit (ml_collections, clu, ...) in .device/
 #   bash benchmarks/run_gpu.sh [OUT_DIR]           # there, from the repository root, with .device carried
@@ -10,18 +12,24 @@
 # when it is there. Each part has a time budget so that the whole stays under TOTAL_S; what does not fit is
 # skipped and says so. Results in OUT_DIR (at most 8 files, as the device tool brings back):
 #   summary.md     all tables, ratios, the profile digest, ready to paste into README
+#   compile.json   the compile report on this GPU (part C: compile, autotuning, memory, measured img/s)
 #   compare.json   every record (images/s, step times, compile times, memory, MFU, profile digests)
 #   profile.txt    per-operation device time of our train steps (one table per variant)
 #   env.txt        GPU, driver, package versions
 #   results.tgz    logs, part JSONs and the Chrome-format traces (open in Perfetto / chrome://tracing)
 # Knobs (environment):
-#   TOTAL_S=450        overall budget in seconds for the measured parts (start-up and imports included)
+#   TOTAL_S=500        overall budget in seconds for the measured parts (start-up and imports included)
+#   COMPILE_REPORT=1 CR_S=200  part C and its budget. Sized from the compile-only figures (README "Compile-only
+#                      figures": on a 2-core host the H100 program of ours reaches its first step in ~60 s, plain in
+#                      ~45 s; the GPU host's 16 cores run LLVM/ptxas in parallel, autotuning adds to it), so both
+#                      programs, 10 timed steps each and the autotuning probe fit; what does not fit is cut
+#   CR_MODEL=cvt_13 CR_SIZE=224 CR_BATCH=128 CR_RECIPE=configs/imagenet.py:variant=13 CR_PROGRAMS=ours,plain
 #   STEPS=10 WARMUP=2  timed / untimed steps per measurement
 #   V1=cvt_13@224:128/256,cvt_13_32@32:256/512   part 1 (all torch modes)
 #   V2=cvt_21@224:128/256,cvt_w24@224:32/64      part 2 (torch.compile only when time allows)
 #   EXTRA_ATTENTION=cudnn   part 3: other JAX attention kernels on V3=cvt_13@224:128/256 ('' to skip)
 #   P1_RESERVE=150     seconds of TOTAL_S that part 1 leaves to the later parts
-#   SMOKE=1            part 0: our step on cvt_tiny@32 first (60 s limit): JAX on this GPU works, and how fast it compiles
+#   SMOKE=0            part 0 (1: on): our step on cvt_tiny@32 (60 s limit), from before part C existed
 #   XLA_AUTOTUNE=      e.g. 0: --xla_gpu_autotune_level for our rows (compile time vs kernel choice)
 #   TORCH_MODES=eager,compile  JAX_TIMEOUT_S=150 TORCH_TIMEOUT_S=210  DTYPE=bfloat16  FIND_MAX=0  FED=auto
 #   PYTHON=python3  EXPECT=gpu (JAX rows not on this platform are errors; '' to allow any, e.g. a CPU dry run)
@@ -31,7 +39,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-./bench_out}}
-TOTAL_S=${TOTAL_S:-450}
+TOTAL_S=${TOTAL_S:-500}
 STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-2}
 EXTRA_ATTENTION=${EXTRA_ATTENTION-cudnn}
@@ -43,8 +51,16 @@ V2=${V2-cvt_21@224:128/256,cvt_w24@224:32/64}
 V3=${V3:-cvt_13@224:128/256}
 TORCH_MODES=${TORCH_MODES:-eager,compile}
 DTYPE=${DTYPE:-bfloat16}
-JAX_TIMEOUT_S=${JAX_TIMEOUT_S:-240}
-SMOKE=${SMOKE:-1}
+JAX_TIMEOUT_S=${JAX_TIMEOUT_S:-}
+COMPILE_REPORT=${COMPILE_REPORT:-1}
+CR_S=${CR_S:-200}
+CR_MODEL=${CR_MODEL:-cvt_13}
+CR_SIZE=${CR_SIZE:-224}
+CR_BATCH=${CR_BATCH:-128}
+CR_RECIPE=${CR_RECIPE:-configs/imagenet.py:variant=13}
+CR_PROGRAMS=${CR_PROGRAMS:-ours,plain}
+CR_PARTS=${CR_PARTS:-init,train,eval}
+SMOKE=${SMOKE:-0}
 TORCH_TIMEOUT_S=${TORCH_TIMEOUT_S:-210}
 EXPECT=${EXPECT-gpu}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
@@ -80,6 +96,35 @@ print("jax devices:", jax.devices())
 EOF
 } > "$OUT_DIR/env.txt"
 cat "$OUT_DIR/env.txt"
+
+# ------------------------------------------------------------------ C. the compile report on this GPU, first
+# Our and the plain program compiled for this device (autotuning included), their memory, and 10 measured train
+# steps each: the figures a short window must not lose. Then our train step once more with autotuning off, so
+# that autotuning's share of the compile time is known.
+if [ "$COMPILE_REPORT" = 1 ]; then
+  echo "== part C: compile report on this device ($(left) s left, budget $CR_S s)"
+  CR_START=$SECONDS
+  timeout "$CR_S" $PY -m benchmarks.compile_only --targets attached --programs "$CR_PROGRAMS" --parts "$CR_PARTS" \
+    --model "$CR_MODEL" --image-size "$CR_SIZE" --global-batch "$CR_BATCH" --recipe "$CR_RECIPE" --dtype "$DTYPE" \
+    --run-steps "$STEPS" --timeout-s "$((CR_S - 10))" --json "$OUT_DIR/compile.json" --markdown "$WORK/compile.md" \
+    --log-dir "$WORK/compile_logs" 2>&1 | tee "$WORK/compile.log"
+  CR_LEFT=$((CR_S - (SECONDS - CR_START)))
+  if command -v nvidia-smi > /dev/null && [ "$CR_LEFT" -gt 40 ]; then
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout "$CR_LEFT" $PY -m benchmarks.compile_only \
+      --targets attached --programs ours --parts train --model "$CR_MODEL" --image-size "$CR_SIZE" \
+      --global-batch "$CR_BATCH" --recipe "$CR_RECIPE" --dtype "$DTYPE" --timeout-s "$((CR_LEFT - 5))" \
+      --json "$WORK/compile_noautotune.json" > "$WORK/compile_noautotune.log" 2>&1
+  fi
+fi
+# Our rows' limit: three times our measured time to first step (+60 s) when part C measured it, else 240 s.
+if [ -z "$JAX_TIMEOUT_S" ]; then
+  JAX_TIMEOUT_S=$($PY -c "import json,sys
+try:
+    r=[x for x in json.load(open(sys.argv[1]))['records'] if x['program']=='ours' and 'error' not in x][0]
+    print(min(300, max(120, int(3*r['time_to_first_step_s'])+60)))
+except Exception: print(240)" "$OUT_DIR/compile.json" 2>/dev/null || echo 240)
+  echo "our rows' time limit: $JAX_TIMEOUT_S s"
+fi
 
 COMMON=(--dtype "$DTYPE" --steps "$STEPS" --warmup "$WARMUP" --jax-attention explicit --expect-platform "$EXPECT"
         --jax-timeout-s "$JAX_TIMEOUT_S" --torch-timeout-s "$TORCH_TIMEOUT_S" --profile-dir "$WORK/profile" "${EXTRA[@]}")
@@ -151,6 +196,14 @@ done
   echo
   echo "Command: \`bash benchmarks/run_gpu.sh\` (TOTAL_S=$TOTAL_S STEPS=$STEPS WARMUP=$WARMUP DTYPE=$DTYPE)."
   echo
+  if [ -f "$WORK/compile.md" ]; then
+    echo "### Compile report on this device (part C)"; echo; cat "$WORK/compile.md"
+    $PY -c "import json,sys
+a=[x for x in json.load(open(sys.argv[1]))['records'] if x['program']=='ours' and 'train' in x]
+b=[x for x in json.load(open(sys.argv[2]))['records'] if 'train' in x]
+if a and b: print(f\"\nautotuning of our train step: {a[0]['train']['compile_s']-b[0]['train']['compile_s']:.1f} s (compile {a[0]['train']['compile_s']:.1f} s with it, {b[0]['train']['compile_s']:.1f} s with --xla_gpu_autotune_level=0)\")" "$OUT_DIR/compile.json" "$WORK/compile_noautotune.json" 2>/dev/null
+    echo
+  fi
   cat "$WORK/tables.md"
   [ -f "$WORK/part4.json" ] && $PY -c "import json,sys
 for r in json.load(open(sys.argv[1]))['rows']:
@@ -165,7 +218,7 @@ for r in rows:
 } > "$OUT_DIR/summary.md"
 # Logs, part JSONs and the Chrome-format traces (not the large xplane.pb files) in one archive.
 (cd "$WORK" && find . -name '*.log' -o -name 'part*.json' -o -name 'fed.json' -o -name '*.trace.json.gz' \
-   -o -name 'op_table.txt' | tar czf "$OUT_DIR/results.tgz" -T - 2>/dev/null)
+   -o -name 'op_table.txt' -o -name 'compile*.json' | tar czf "$OUT_DIR/results.tgz" -T - 2>/dev/null)
 if [ "$(stat -c %s "$OUT_DIR/results.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
   (cd "$WORK" && find . -name '*.log' -o -name 'part*.json' -o -name 'fed.json' | tar czf "$OUT_DIR/results.tgz" -T -)
 fi

@@ -276,7 +276,7 @@ def benchmark(
             )
             rec.update(harness.phase_fields("train", phase, train_fpi, peak))
             metrics = {k: float(v) for k, v in phase.last.compute().items()}
-            rec.update(train_loss=metrics["loss"], train_grad_norm=metrics["grad_norm"])
+            rec.update(train_loss=metrics["loss"], train_grad_norm=metrics.get("grad_norm"))
             variables = state.eval_variables()
             del state
         if program is None:

@@ -272,12 +272,14 @@ def train_phase(
             logits = net(inputs)
         loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         loss.backward()
-        grad_norm = _grad_norm(params, recipe["grad_clip_norm"])
+        clip = recipe["grad_clip_norm"]
+        grad_norm = _grad_norm(params, clip) if clip > 0 or recipe.get("log_grad_norm", True) else None
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         accuracy = (logits.argmax(-1) == y).float().mean()
-        return {"loss": loss.detach(), "accuracy": accuracy, "grad_norm": grad_norm}
+        out = {"loss": loss.detach(), "accuracy": accuracy}
+        return out if grad_norm is None else {**out, "grad_norm": grad_norm}
 
     phase = harness.measure(step, backend, batch=batch, warmup=w.warmup, steps=w.steps)
     return phase, model
@@ -396,7 +398,7 @@ def benchmark(
         # torch.compile compiles inside the first call: its time (compile + one step) is the compile time.
         rec["train_compile_s"] = phase.first_step_s if mode == "compile" else None
         rec["train_loss"] = float(phase.last["loss"])
-        rec["train_grad_norm"] = float(phase.last["grad_norm"])
+        rec["train_grad_norm"] = float(phase.last["grad_norm"]) if "grad_norm" in phase.last else None
     if model is None:
         torch.manual_seed(w.seed)
         model = build_model(spec, w.num_classes, device, channels_last)

@@ -40,10 +40,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.attention_impl = "explicit"
     # Depthwise conv of the q/k/v projections: 'conv' (grouped convolution, for
     # GPU/TPU), 'shift' (sum of shifted slices: same result, ~2x faster training
-    # on CPU), 'auto' ('shift' on the CPU backend, else 'conv').
+    # on CPU), 'auto' ('shift' on CPU devices, else 'conv'; decided by the mesh's devices, not the host).
     config.depthwise_impl = "auto"
+    # Random numbers of dropout, stochastic depth and mixup inside the train step: 'auto' (threefry, lowered to
+    # one GPU kernel per call on GPU meshes: the same numbers, far less to compile), 'threefry' (plain XLA
+    # arithmetic everywhere), 'rbg' or 'unsafe_rbg' (XLA's RngBitGenerator: other numbers, cheapest to compile).
+    # The initialisation always uses threefry (identical parameters on every platform).
+    config.rng_impl = "auto"
     # Rematerialise blocks in the backward pass (less memory, ~30% more compute).
     config.remat = False
+    # Each stage's blocks as one lax.scan (same parameters and names; compiled once per stage, not per block):
+    # 'auto' (on for GPU/TPU meshes, off on CPU, where it is no faster to compile), 'true' or 'false'.
+    config.scan_blocks = "auto"
 
     # ---------------------------------------------------------------- data
     # TFDS dataset name (e.g. 'cifar100', 'fashion_mnist', 'oxford_iiit_pet'),
@@ -146,6 +154,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.nesterov = True
     # Clip gradients to this global norm (0 disables).
     config.grad_clip_norm = 1.0
+    # Log the gradients' global norm: 'auto' (when clipping, which computes it anyway; otherwise it costs ~15% of
+    # the train step's GPU compile time), 'true' or 'false'.
+    config.log_grad_norm = "auto"
     # Label smoothing of the cross-entropy (applied before mixup).
     config.label_smoothing = 0.1
     # Exponential moving average of the parameters (0 disables); evaluated when on.
@@ -190,6 +201,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile = False
     # Stop after this many seconds of training (0: no limit; for smoke runs).
     config.max_train_seconds = 0.0
+    # JAX's persistent compilation cache, so that a repeated or resumed run skips compilation: 'auto'
+    # ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/cvt_flax/jax), a folder or gs:// URL, or '' (off).
+    config.compilation_cache_dir = "auto"
     # Resuming a workdir with another training recipe (epochs, batch size, learning
     # rate, schedule, augmentation, ...) than its saved config.json needs this switch;
     # model/data changes never resume (README, "Resuming a run").

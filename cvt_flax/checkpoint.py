@@ -936,8 +936,8 @@ IDENTITY_FIELDS = ("model", "dataset", "train_split", "image_size", "num_channel
 FREE_FIELDS = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_train_seconds",
     "eval_only", "profile", "eval_batch_size", "eval_split", "data_dir", "download", "input.prefetch",
-    "input.cache", "attention_impl", "depthwise_impl", "remat", "dtype", "init_from", "require_init_from",
-    "allow_recipe_change",
+    "input.cache", "attention_impl", "depthwise_impl", "remat", "scan_blocks", "rng_impl", "dtype", "init_from",
+    "require_init_from", "allow_recipe_change", "compilation_cache_dir", "log_grad_norm",
 )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import pathlib
 import time
 
 from etils import epath
@@ -35,6 +36,19 @@ from etils import epath
 from cvt_flax.errors import UserError
 
 PathLike = str | os.PathLike
+CACHE_ENV = "CVT_FLAX_CACHE"
+
+
+def cache_root() -> pathlib.Path:
+    """cvt-flax's local cache of converted hub checkpoints and compiled programs.
+
+    ``$CVT_FLAX_CACHE``, else ``$XDG_CACHE_HOME/cvt_flax`` (``~/.cache/cvt_flax``).
+    """
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return pathlib.Path(base).expanduser() / "cvt_flax"
+
 
 GCS_EXTRA_HINT = "Install the Cloud Storage clients with `pip install 'cvt-flax[gcs]'` (google-cloud-storage, gcsfs)."
 

@@ -39,7 +39,7 @@ from cvt_flax import metadata, paths
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "CVT_FLAX_CACHE"
+CACHE_ENV = paths.CACHE_ENV
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HUB_FILES = ("config.json", "preprocessor_config.json")
 CONVERT_HINT = (
@@ -119,10 +119,7 @@ def split_revision(name: str, revision: str | None = None) -> tuple[str, str | N
 
 def cache_dir() -> pathlib.Path:
     """Where converted hub checkpoints live: ``$CVT_FLAX_CACHE``, else ``$XDG_CACHE_HOME/cvt_flax`` (``~/.cache``)."""
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return pathlib.Path(base).expanduser() / "cvt_flax"
+    return paths.cache_root()
 
 
 def converted_dir(repo_id: str, commit: str) -> pathlib.Path:

@@ -60,7 +60,7 @@ from etils import epath
 from flax import traverse_util
 
 from cvt_flax import checkpoint as ckpt_lib
-from cvt_flax import data, errors, flops, models, param_groups, paths, plots, sharding, writers
+from cvt_flax import compilation_cache, data, errors, flops, models, param_groups, paths, plots, sharding, writers
 from cvt_flax import train_utils as tu
 from cvt_flax.errors import UserError
 
@@ -85,7 +85,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.optimizer.lower() not in tu.OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; set --config.optimizer to one of {tu.OPTIMIZERS}.")
     models.as_dtype(config.dtype)
-    tu.resolve_depthwise_impl(config.get("depthwise_impl", "auto"))
+    # The implementation choices are checked against the mesh's devices in build_program; here only the names.
+    tu.resolve_depthwise_impl(config.get("depthwise_impl", "auto"), "any")
+    tu.resolve_attention_impl(config.attention_impl, "gpu")
+    tu.resolve_rng_impl(config.get("rng_impl", "auto"), "any")
+    tu.resolve_scan_blocks(config.get("scan_blocks", "auto"), "any")
+    tu.log_grad_norm(config)
     for name in ("batch_size", "eval_batch_size"):
         sharding.check_batch_size(config[name], name)
     for name in ("label_smoothing",):
@@ -287,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t_start = time.time()
     writers.quiet_console()
     validate_config(config)
+    compilation_cache.setup(config.get("compilation_cache_dir", "auto"))
     workdir_path = _prepare_workdir(workdir, create=not config.eval_only)
     is_main = jax.process_index() == 0
 
@@ -299,6 +305,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     program = tu.build_program(
         config, mesh, num_classes=num_classes, in_chans=in_chans, num_train_examples=info.num_train_examples
     )
+    # The train and eval steps compile on a thread from here, while the state is initialised or restored and the
+    # data pipeline starts (tu.CompileAhead); the loop waits for them before their first call.
+    ahead = tu.CompileAhead(program, mesh, config, train=not config.eval_only)
     model, run = program.model, program.run
     spec = model.spec
     num_params = program.num_params
@@ -309,6 +318,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         info.name, num_classes, info.num_train_examples, info.num_eval_examples, in_chans, config.image_size,
         config.image_size, config.model, f"{num_params:,}", macs / 1e9, config.dtype, jax.device_count(),
         jax.devices()[0].platform, jax.process_count(),
+    )  # fmt: skip
+    c = program.choices
+    logging.info(
+        "Program for %s devices: depthwise %s, attention %s, random numbers %s, blocks %s, initialised on the %s.",
+        c["platform"], c["depthwise_impl"], c["attention_impl"], c["rng_impl"],
+        "scanned per stage" if c["scan_blocks"] == "true" else "unrolled", c["init"],
     )  # fmt: skip
     if not config.eval_only:
         logging.info(
@@ -334,6 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, best = start.state, start.best
 
         if config.eval_only:
+            ahead.wait("eval")
             eval_metrics = tu.evaluate(
                 program.eval_step, state.eval_variables(), data.create_eval_iterator(config, mesh)
             )
@@ -363,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _write_parameter_overview(workdir_path / PARAMETERS_FILE, state.params)
         assert ckpts is not None  # only eval-only runs go without
         return _train_loop(
-            config, workdir_path, state, program, mesh, ckpts, best, info, macs, t_start, stop_flag,
+            config, workdir_path, state, program, mesh, ckpts, best, info, macs, t_start, stop_flag, ahead,
         )  # fmt: skip
     finally:
         stop_flag.uninstall()
@@ -453,6 +469,7 @@ def _train_loop(
     macs: float,
     t_start: float,
     stop_flag: _StopFlag,
+    ahead: tu.CompileAhead,
 ) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     start_step = int(state.step)
@@ -471,6 +488,7 @@ def _train_loop(
     status = "completed"
     step = start_step
     t_loop = time.time()
+    first_step_at = None
 
     def meta(step: int) -> dict[str, Any]:
         return {
@@ -495,10 +513,18 @@ def _train_loop(
     train_metrics = None
     for step in range(start_step + 1, run.total_steps + 1):
         batch = next(train_iter)
+        if step == start_step + 1:
+            ahead.wait("train")
         state, metrics = train_step(state, batch)
         if step == start_step + 1:
             jax.block_until_ready(metrics)  # the first step compiles: speed and ETA are measured from here
             reporter.first_step_done(step)
+            first_step_at = time.time() - t_start
+            logging.info(
+                "First step done %.1f s after the start (%.1f s of set-up: data, model, initialisation or restore; "
+                "%.1f s for the step: compilation and one step).",
+                first_step_at, t_loop - t_start, reporter.sections["first_step"],
+            )  # fmt: skip
         reporter.tick(step)
         train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
         for action in actions:
@@ -526,10 +552,10 @@ def _train_loop(
                 if speed["steps_per_sec"] > 0
                 else "compiled"
             )
+            norm = f"  grad-norm {values['grad_norm']:.3g}" if "grad_norm" in values else ""
             logging.info(
-                "step %d/%d (epoch %.2f) | loss %.4f  acc %.4f  lr %.3g  grad-norm %.3g | %s",
-                step, run.total_steps, epoch, values["loss"], values["accuracy"], values["learning_rate"],
-                values["grad_norm"], rate,
+                "step %d/%d (epoch %.2f) | loss %.4f  acc %.4f  lr %.3g%s | %s",
+                step, run.total_steps, epoch, values["loss"], values["accuracy"], values["learning_rate"], norm, rate,
             )  # fmt: skip
 
         # Stop requests are combined over processes at log steps (every step on one process).
@@ -544,6 +570,7 @@ def _train_loop(
         eval_metrics = None
         if step % run.eval_every_steps == 0 or is_last:
             reporter.clear_bar()
+            ahead.wait("eval")
             with reporter.timed("eval"):
                 eval_metrics = tu.evaluate(eval_fn, state.eval_variables(), eval_iter)
             last_eval = {"step": step, **eval_metrics}
@@ -579,6 +606,10 @@ def _train_loop(
         "final_eval": last_eval,
         "best_eval": best if best["step"] >= 0 else None,
         "wall_time_s": wall,
+        # From the call of train_and_evaluate to the end of the first step (set-up, compilation, one step).
+        "time_to_first_step_s": first_step_at,
+        "first_step_s": reporter.sections.get("first_step"),
+        "setup_s": t_loop - t_start,
         "train_time_s": reporter.train_time,
         "eval_time_s": reporter.sections.get("eval", 0.0),
         # Throughput without the first log window (compilation), eval and checkpoint time.
@@ -589,6 +620,7 @@ def _train_loop(
         "dataset": config.dataset,
         "num_classes": num_classes,
         "num_devices": jax.device_count(),
+        "program": dict(program.choices),
         "num_processes": jax.process_count(),
         "device_kind": jax.devices()[0].device_kind,
         "resumed_from_step": start_step,

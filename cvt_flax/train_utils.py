@@ -11,6 +11,8 @@ replicated).
 
 import dataclasses
 import functools
+import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,10 +25,11 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax.training import train_state
+from jax.extend.core import jaxpr_as_fun
 from jax.sharding import Mesh
 
 from cvt_flax import models, param_groups
-from cvt_flax.sharding import data_sharding, replicated_sharding
+from cvt_flax.sharding import data_sharding, replicate, replicated_sharding
 
 PyTree = Any
 
@@ -204,27 +207,100 @@ def spec_overrides(config: ml_collections.ConfigDict, in_chans: int) -> dict[str
     return out
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int, in_chans: int) -> nn.Module:
-    """The `CvT` module of ``config.model`` for ``num_classes`` outputs and ``in_chans`` input channels."""
+def create_model(config: ml_collections.ConfigDict, num_classes: int, in_chans: int, platform: str) -> nn.Module:
+    """The `CvT` module of ``config.model`` for ``num_classes`` outputs, ``in_chans`` channels, on ``platform``.
+
+    ``platform`` is that of the devices the model will run on (`mesh_platform`), not necessarily this host's:
+    it resolves ``depthwise_impl='auto'`` and checks ``attention_impl``.
+    """
     return models.create_model(
         config.model,
         num_classes=num_classes,
         act=config.act,
         init_method=config.init_method,
-        attention_impl=config.attention_impl,
-        depthwise_impl=resolve_depthwise_impl(config.get("depthwise_impl", "auto")),
+        attention_impl=resolve_attention_impl(config.attention_impl, platform),
+        depthwise_impl=resolve_depthwise_impl(config.get("depthwise_impl", "auto"), platform),
         remat=config.remat,
+        scan_blocks=resolve_scan_blocks(config.get("scan_blocks", "auto"), platform),
         dtype=config.dtype,
         **spec_overrides(config, in_chans),
     )
 
 
-def resolve_depthwise_impl(name: str) -> str:
-    """``auto`` -> ``shift`` on the CPU backend (about 2x faster there), else ``conv``."""
+def resolve_scan_blocks(value: str | bool, platform: str) -> bool:
+    """``auto`` -> scan the blocks on GPU/TPU devices (compile time; README "Compile-only figures"), not on CPU."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return platform != "cpu"
+    if text in ("true", "1", "on", "yes"):
+        return True
+    if text in ("false", "0", "off", "no"):
+        return False
+    raise ValueError(f"--config.scan_blocks={value!r}: use 'auto', 'true' or 'false'.")
+
+
+DEPTHWISE_IMPLS = ("auto", "conv", "shift")
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """``cpu``, ``gpu`` or ``tpu``: the platform of the mesh's devices, which a program is built for.
+
+    Program choices follow it rather than ``jax.default_backend()`` (the host), so that a program compiled on a
+    CPU host for GPU or TPU devices (compile-only devices, ``benchmarks/compile_only.py``) is the one that runs
+    there.
+    """
+    return str(mesh.devices.flat[0].platform)
+
+
+def resolve_depthwise_impl(name: str, platform: str) -> str:
+    """``auto`` -> ``shift`` on CPU devices (about 2x faster there), else ``conv`` (cuDNN / the TPU convolution)."""
+    if name not in DEPTHWISE_IMPLS:
+        raise ValueError(
+            f"Unknown depthwise_impl {name!r}; set --config.depthwise_impl to one of {', '.join(DEPTHWISE_IMPLS)}."
+        )
     if name == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "conv"
-    if name not in ("conv", "shift"):
-        raise ValueError(f"Unknown depthwise_impl {name!r}; set --config.depthwise_impl to 'auto', 'conv' or 'shift'.")
+        return "shift" if platform == "cpu" else "conv"
+    return name
+
+
+RNG_IMPLS = ("auto", "threefry", "rbg", "unsafe_rbg")
+
+
+def resolve_rng_impl(name: str, platform: str) -> str:
+    """``auto`` -> ``threefry_kernel`` on GPU devices (`jax_threefry_gpu_kernel_lowering`), else ``threefry``."""
+    if name not in RNG_IMPLS:
+        raise ValueError(f"Unknown rng_impl {name!r}; set --config.rng_impl to one of {', '.join(RNG_IMPLS)}.")
+    if name == "auto":
+        return "threefry_kernel" if platform == "gpu" else "threefry"
+    return name
+
+
+def step_rng(seed: int, impl: str) -> jax.Array:
+    """Base key of the train step's randomness (dropout, stochastic depth, mixup) for ``impl``.
+
+    ``threefry``/``threefry_kernel``: ``fold_in(PRNGKey(seed), 1)`` (as always); ``rbg``/``unsafe_rbg``: a typed key
+    of that implementation. ``threefry_kernel`` also switches on `jax_threefry_gpu_kernel_lowering`, which only
+    changes how threefry is compiled for GPUs (one kernel per call instead of unrolled integer arithmetic).
+    """
+    if impl in ("threefry", "threefry_kernel"):
+        if impl == "threefry_kernel":
+            jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+        return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    return jax.random.fold_in(jax.random.key(seed, impl=impl), 1)
+
+
+def resolve_attention_impl(name: str, platform: str) -> str:
+    """Checks ``attention_impl`` against the devices: ``cudnn`` (flash attention) exists on NVIDIA GPUs only."""
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"Unknown attention_impl {name!r}; set --config.attention_impl to one of {', '.join(ATTENTION_IMPLS)}."
+        )
+    if name == "cudnn" and platform != "gpu":
+        raise ValueError(
+            f"--config.attention_impl=cudnn needs NVIDIA GPU devices, but the mesh's are {platform}; use "
+            "--config.attention_impl=explicit or xla."
+        )
     return name
 
 
@@ -246,9 +322,13 @@ class TrainState(train_state.TrainState):
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int, in_chans: int) -> dict[str, PyTree]:
-    """Initialises the model's variables on a ``[1, S, S, C]`` dummy input."""
-    dummy = jnp.zeros((1, image_size, image_size, in_chans), jnp.float32)
-    variables = model.init({"params": rng, "dropout": rng}, dummy, train=False)
+    """Initialises the model's variables for ``[1, S, S, C]`` inputs.
+
+    `flax.linen.Module.lazy_init`: only the initialisers run, not the forward pass (the same values as
+    ``model.init``, tested), which keeps the initialisation program small.
+    """
+    dummy = jax.ShapeDtypeStruct((1, image_size, image_size, in_chans), jnp.float32)
+    variables = model.lazy_init({"params": rng, "dropout": rng}, dummy, train=False)
     return flax.core.unfreeze(variables)
 
 
@@ -279,7 +359,30 @@ class TrainMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
     accuracy: clu_metrics.Average.from_output("accuracy")
     learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
+@flax.struct.dataclass
+class TrainMetricsWithNorm(TrainMetrics):
+    """`TrainMetrics` and the global norm of the gradients (`log_grad_norm`)."""
+
     grad_norm: clu_metrics.Average.from_output("grad_norm")
+
+
+def log_grad_norm(config: ml_collections.ConfigDict) -> bool:
+    """Whether the train step reports the gradients' global norm (``--config.log_grad_norm``).
+
+    ``auto``: when gradient clipping is on, which computes the norm anyway (free); without clipping the norm is a
+    reduction over every gradient that XLA fuses into the optimizer's kernels, about 5 s (15%) of the H100 train
+    step's compile time for CvT-13 (README "Compile-only figures"), so it is logged only when asked for.
+    """
+    value = str(config.get("log_grad_norm", "auto")).strip().lower()
+    if value == "auto":
+        return float(config.grad_clip_norm) > 0
+    if value in ("true", "1", "on", "yes"):
+        return True
+    if value in ("false", "0", "off", "no"):
+        return False
+    raise ValueError(f"--config.log_grad_norm={config.log_grad_norm!r}: use 'auto', 'true' or 'false'.")
 
 
 @flax.struct.dataclass
@@ -345,6 +448,7 @@ def train_step(
     mix_fn: MixFn | None = None,
     ema_decay: float = 0.0,
     freeze: param_groups.Freeze | None = None,
+    grad_norm: bool = True,
 ) -> tuple[TrainState, TrainMetrics]:
     """One optimizer step on a global batch.
 
@@ -363,6 +467,7 @@ def train_step(
       ema_decay: Parameter EMA decay (0: no EMA).
       freeze: Variables kept fixed (`param_groups.Freeze`): their gradients are zeroed
         (so not computed, and not in the logged norm) and their BatchNorm statistics kept.
+      grad_norm: Also report the gradients' global norm (`TrainMetricsWithNorm`; see `log_grad_norm`).
 
     Returns:
       The new state and the step's `TrainMetrics`.
@@ -389,19 +494,16 @@ def train_step(
     if freeze:
         grads = freeze.zero_frozen(grads)
         new_batch_stats = freeze.keep_frozen_stats(state.batch_stats, new_batch_stats)
-    grad_norm = optax.global_norm(grads)
+    norm = optax.global_norm(grads) if grad_norm else None
     new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
     if state.ema_params is not None and ema_decay > 0:
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, new_state.params)
         new_state = new_state.replace(ema_params=ema)
     accuracy = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    metrics = TrainMetrics.single_from_model_output(
-        loss=loss,
-        accuracy=accuracy,
-        learning_rate=schedule(state.step),
-        grad_norm=grad_norm,
-    )
-    return new_state, metrics
+    outputs = {"loss": loss, "accuracy": accuracy, "learning_rate": schedule(state.step)}
+    if norm is not None:
+        return new_state, TrainMetricsWithNorm.single_from_model_output(**outputs, grad_norm=norm)
+    return new_state, TrainMetrics.single_from_model_output(**outputs)
 
 
 def eval_step(
@@ -428,6 +530,7 @@ def make_train_step(
     mix_fn: MixFn | None,
     ema_decay: float,
     freeze: param_groups.Freeze | None = None,
+    grad_norm: bool = True,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, TrainMetrics]]:
     """``jax.jit`` of `train_step` over ``mesh``: replicated state (donated), batch sharded on ``'data'``."""
     fn = functools.partial(
@@ -439,6 +542,7 @@ def make_train_step(
         mix_fn=mix_fn,
         ema_decay=ema_decay,
         freeze=freeze,
+        grad_norm=grad_norm,
     )
     rep, dat = replicated_sharding(mesh), data_sharding(mesh)
     return jax.jit(fn, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=0)
@@ -476,6 +580,98 @@ def evaluate(
 CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def host_cpu() -> jax.Device | None:
+    """This process's first CPU device, where the train state is initialised (None when JAX has no CPU backend)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # e.g. JAX_PLATFORMS=cuda
+        return None
+
+
+class HostInit:
+    """The initialisation program on the host CPU, compiled in parallel parts.
+
+    The initialisers are one traced program (``jax.make_jaxpr`` of the init function, traced once: it also gives
+    the train state's shapes) that is mostly random-number arithmetic, whose compile time grows with its size. It
+    is split into ``parts`` programs, each computing every ``parts``-th leaf of the state, compiled with
+    `CHEAP_COMPILE` on a thread each (XLA compiles outside the GIL) and run as soon as compiled. Each leaf is
+    computed by the same operations as in the whole program, so the values are the same (tested).
+
+    Attributes:
+      timings: Seconds of the last call: ``compile_s`` (wall time of compiling and running all parts),
+        ``parts``.
+    """
+
+    def __init__(self, closed_jaxpr: Any, out_tree: Any, device: jax.Device, parts: int | None = None):
+        self._fun = jaxpr_as_fun(closed_jaxpr)
+        self._tree = out_tree
+        self._device = device
+        n = out_tree.num_leaves
+        self.parts = max(1, min(int(parts or min(8, os.cpu_count() or 1)), n))
+        self._groups = [list(range(i, n, self.parts)) for i in range(self.parts)]
+        self._compiled: dict[Any, list[Any]] = {}
+        self.timings: dict[str, float] = {}
+
+    def _part(self, i: int, rng: jax.Array) -> tuple[Any, list[jax.Array]]:
+        idx = self._groups[i]
+        sharding = jax.sharding.SingleDeviceSharding(self._device)
+
+        def select(r: jax.Array) -> list[jax.Array]:
+            outs = self._fun(r)
+            return [outs[j] for j in idx]
+
+        fn = jax.jit(select, in_shardings=sharding, out_shardings=sharding)
+        compiled = fn.lower(rng).compile(compiler_options=CHEAP_COMPILE)
+        return compiled, compiled(rng)
+
+    def __call__(self, rng: jax.Array) -> TrainState:
+        """The initial train state on the host CPU for ``rng``."""
+        import concurrent.futures
+
+        rng = jax.device_put(rng, self._device)
+        t0 = time.perf_counter()
+        key = (rng.shape, str(rng.dtype))
+        if key in self._compiled:
+            results = [c(rng) for c in self._compiled[key]]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(self.parts, thread_name_prefix="host_init") as pool:
+                done = list(pool.map(lambda i: self._part(i, rng), range(self.parts)))
+            self._compiled[key] = [c for c, _ in done]
+            results = [r for _, r in done]
+        leaves: list[Any] = [None] * self._tree.num_leaves
+        for idx, values in zip(self._groups, results, strict=True):
+            for j, v in zip(idx, values, strict=True):
+                leaves[j] = v
+        state = jax.tree.unflatten(self._tree, leaves)
+        jax.block_until_ready(state)
+        self.timings = {"compile_s": time.perf_counter() - t0, "parts": self.parts}
+        return state
+
+
+def place_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Host arrays, identical on every process, replicated on ``mesh``; checked identical across processes."""
+    if jax.process_count() > 1:
+        check_same_on_every_process(tree, "the initial train state")
+    return replicate(tree, mesh)
+
+
+def check_same_on_every_process(tree: PyTree, what: str) -> None:
+    """Raises when ``tree``'s host values differ between processes (a CRC-32 per process, all-gathered)."""
+    import zlib
+
+    from jax.experimental import multihost_utils
+
+    crc = 0
+    for leaf in jax.tree.leaves(tree):
+        crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), crc)
+    crcs = np.asarray(multihost_utils.process_allgather(np.asarray([crc], np.uint32))).reshape(-1)
+    if len(set(crcs.tolist())) > 1:
+        raise RuntimeError(
+            f"{what} differs between processes (CRC-32 per process: {crcs.tolist()}): the hosts compute "
+            "different values from the same seed. Run every process with the same cvt-flax, jax and config."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
     """Everything a run compiles, built from the config in one place (`build_program`).
@@ -491,12 +687,18 @@ class TrainProgram:
       tx: The optimizer (clipping, AdamW/SGD with the weight-decay mask).
       init_rng: Key of the parameter initialisation (``fold_in(seed, 0)``).
       dropout_rng: Base key of dropout, stochastic depth and mixup (``fold_in(seed, 1)``).
-      init_state: Jitted ``init_rng -> TrainState`` (replicated on the mesh).
+      init_state: ``init_rng -> TrainState`` replicated on the mesh: computed by `host_init` on this host's CPU
+        (identical on every process, checked) and placed with the mesh's sharding, so that the initialisers
+        (a large program of random-number arithmetic) are never compiled for the accelerator.
+      host_init: The `HostInit` (``init_rng -> TrainState`` on the host CPU); None when JAX has no CPU backend,
+        and then `init_state` is jitted on the mesh.
       abstract_state: Shapes of the train state (nothing compiled).
       train_step: Jitted ``(state, batch) -> (state, TrainMetrics)``, state donated.
       eval_step: Jitted ``(variables, batch) -> EvalMetrics``.
       num_classes: Classifier outputs.
       in_chans: Input channels.
+      choices: What was resolved for the mesh's devices: ``platform``, ``depthwise_impl``, ``attention_impl``,
+        ``rng_impl``, ``scan_blocks``, ``init`` (``host cpu`` or ``mesh``).
     """
 
     model: nn.Module
@@ -506,11 +708,13 @@ class TrainProgram:
     init_rng: jax.Array
     dropout_rng: jax.Array
     init_state: Callable[[jax.Array], TrainState]
+    host_init: Any
     abstract_state: TrainState
     train_step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, TrainMetrics]]
     eval_step: Callable[[Mapping[str, PyTree], Mapping[str, jax.Array]], EvalMetrics]
     num_classes: int
     in_chans: int
+    choices: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_params(self) -> int:
@@ -533,23 +737,34 @@ def build_program(
     Returns:
       The `TrainProgram`.
     """
-    model = create_model(config, num_classes, in_chans)
+    platform = mesh_platform(mesh)
+    model = create_model(config, num_classes, in_chans, platform)
     run = derive_run_length(config, num_train_examples)
     schedule = create_learning_rate_schedule(config, run)
     tx = create_optimizer(config, schedule, model.spec.depth)
     freeze = param_groups.Freeze(config.get("freeze", ""))
-    root_rng = jax.random.PRNGKey(config.seed)
-    init_rng, dropout_rng = jax.random.fold_in(root_rng, 0), jax.random.fold_in(root_rng, 1)
+    init_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+    rng_impl = resolve_rng_impl(config.get("rng_impl", "auto"), platform)
+    dropout_rng = step_rng(config.seed, rng_impl)
 
     def init_fn(rng: jax.Array) -> TrainState:
         variables = init_variables(model, rng, config.image_size, in_chans)
         return create_train_state(model, tx, variables, config.ema_decay)
 
-    # Initialisation runs once: on CPU, compile it without LLVM's expensive passes
-    # (random initialisers make a large program; this cuts its compile time ~3x).
-    init_opts = CHEAP_COMPILE if jax.default_backend() == "cpu" else None
-    init_state = jax.jit(init_fn, out_shardings=replicated_sharding(mesh), compiler_options=init_opts)
-    abstract_state = jax.eval_shape(init_fn, init_rng)
+    # Initialisation runs once: on the host CPU, compiled without LLVM's expensive passes, then placed on the
+    # mesh. Compiled for a GPU it took longer than the train step (66 s of the H100 target's compile-only
+    # figures, README "Compile-only figures"); on the host it is a few seconds.
+    closed, abstract_state = jax.make_jaxpr(init_fn, return_shape=True)(init_rng)
+    cpu = host_cpu()
+    if cpu is not None:
+        host_init: HostInit | None = HostInit(closed, jax.tree.structure(abstract_state), cpu)
+
+        def init_state(rng: jax.Array) -> TrainState:
+            return place_replicated(host_init(rng), mesh)
+
+    else:
+        host_init = None
+        init_state = jax.jit(init_fn, out_shardings=replicated_sharding(mesh))
     freeze.check({"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}, config.model)
     train = make_train_step(
         mesh,
@@ -560,6 +775,7 @@ def build_program(
         mix_fn=make_mix_fn(config.aug),
         ema_decay=float(config.ema_decay),
         freeze=freeze,
+        grad_norm=log_grad_norm(config),
     )
     return TrainProgram(
         model=model,
@@ -569,12 +785,75 @@ def build_program(
         init_rng=init_rng,
         dropout_rng=dropout_rng,
         init_state=init_state,
+        host_init=host_init,
         abstract_state=abstract_state,
         train_step=train,
         eval_step=make_eval_step(mesh, model.apply),
         num_classes=int(num_classes),
         in_chans=int(in_chans),
+        choices={
+            "platform": platform,
+            "depthwise_impl": model.depthwise_impl,
+            "attention_impl": model.attention_impl,
+            "rng_impl": rng_impl,
+            "scan_blocks": str(model.scan_blocks).lower(),
+            "init": "host cpu" if host_init is not None else "mesh",
+        },
     )
+
+
+class CompileAhead:
+    """Compiles a run's train and eval steps on a background thread while the main thread prepares the run.
+
+    `jax.jit` keeps compiled executables in memory, keyed by the program and its argument types, so the loop's
+    first call of each step finds the one compiled here (and JAX's persistent cache stores it too). The data
+    set-up, the initialisation or restore and the compilation overlap: the time to first step is about the
+    longest of them instead of their sum. `wait` before the first call, so that a step is never compiled twice
+    at once; an error here is not raised (the loop's own call compiles again and raises it where it belongs).
+    """
+
+    def __init__(self, program: TrainProgram, mesh: Mesh, config: ml_collections.ConfigDict, *, train: bool = True):
+        import threading
+
+        rep, dat = replicated_sharding(mesh), data_sharding(mesh)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), program.abstract_state)
+        size, chans = int(config.image_size), int(program.in_chans)
+
+        def batch(n: int, mask: bool) -> dict[str, jax.ShapeDtypeStruct]:
+            out = {
+                "image": jax.ShapeDtypeStruct((n, size, size, chans), jnp.float32, sharding=dat),
+                "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=dat),
+            }
+            if mask:
+                out["mask"] = jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=dat)
+            return out
+
+        jobs = []
+        if train:
+            jobs.append(("train", program.train_step, (state, batch(int(config.batch_size), False))))
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        jobs.append(("eval", program.eval_step, (variables, batch(int(config.eval_batch_size), True))))
+        self._done = {name: threading.Event() for name, _, _ in jobs}
+        self.seconds: dict[str, float] = {}
+
+        def work() -> None:
+            for name, fn, args in jobs:
+                t0 = time.perf_counter()
+                try:
+                    fn.lower(*args).compile()
+                    self.seconds[name] = time.perf_counter() - t0
+                except Exception:  # noqa: BLE001 - the loop's own call raises it
+                    pass
+                finally:
+                    self._done[name].set()
+
+        self._thread = threading.Thread(target=work, name="compile_ahead", daemon=True)
+        self._thread.start()
+
+    def wait(self, name: str) -> None:
+        """Blocks until the ``train`` or ``eval`` step is compiled (or has failed to)."""
+        if name in self._done:
+            self._done[name].wait()
 
 
 @jax.jit

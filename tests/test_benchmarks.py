@@ -238,14 +238,16 @@ def test_gpu_speed_script_dry_run(tmp_path):
         "V1": "cvt_tiny@32:4/4", "V2": "", "V3": "cvt_tiny@32:4/4", "TORCH_MODES": "eager", "DTYPE": "float32",
         "EXPECT": "", "EXTRA_ATTENTION": "", "FED": "0", "STEPS": "2", "WARMUP": "1", "TOTAL_S": "400",
         "EXTRA_ARGS": "--fast-compile --set optimizer=sgd", "PYTHON": sys.executable,
+        "CR_MODEL": "cvt_tiny", "CR_SIZE": "32", "CR_BATCH": "4", "CR_RECIPE": "configs/cifar100.py:variant=cvt_tiny",
+        "CR_PROGRAMS": "ours", "CR_PARTS": "train", "CR_S": "150",
     }  # fmt: skip
     out = tmp_path / "out"
     proc = subprocess.run(
-        ["bash", "benchmarks/run_gpu.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+        ["bash", "benchmarks/run_gpu.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=500
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["compare.json", "env.txt", "profile.txt", "results.tgz", "summary.md"]
+    assert files == ["compare.json", "compile.json", "env.txt", "profile.txt", "results.tgz", "summary.md"]
     assert len(files) <= 8  # what the device tool brings back
     summary = (out / "summary.md").read_text()
     assert "| cvt_tiny | 32 | 4/4 | jax/jit/explicit |" in summary and "torch/eager" in summary
@@ -253,6 +255,10 @@ def test_gpu_speed_script_dry_run(tmp_path):
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert {r["framework"] for r in rows} == {"jax", "torch"} and not any("error" in r for r in rows), rows
     assert "ms/step" in (out / "profile.txt").read_text()
+    # Part C, the compile report on the device (here the CPU): compiled, then timed on it.
+    assert "### Compile report on this device" in summary and "| attached | ours |" in summary
+    record = json.loads((out / "compile.json").read_text())["records"][0]
+    assert record["train"]["measured"]["images_per_s"] > 0 and record["train"]["compile_s"] > 0
 
 
 def test_gpu_accuracy_script_dry_run(shared_dir, tmp_path):

@@ -363,3 +363,45 @@ def test_depthwise_impls_give_same_model():
     ref = _tiny()
     variables = init(ref, x)
     np.testing.assert_allclose(apply(_tiny(depthwise_impl="shift"), variables, x), apply(ref, variables, x), atol=1e-5)
+
+
+def test_scanned_blocks_equal_the_unrolled_loop():
+    """scan_blocks: the same variables (official names), outputs, gradients and BatchNorm updates."""
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    kw = {"depth": (1, 2, 3), "drop_path_rate": (0.0, 0.0, 0.0)}
+    unrolled, scanned = _tiny(**kw), _tiny(scan_blocks=True, **kw)
+    variables = init(unrolled, x)
+    again = init(scanned, x)  # initialisation runs the unrolled loop either way
+    assert jax.tree.structure(variables) == jax.tree.structure(again)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "blocks_2" in variables["params"]["stage2"]
+    np.testing.assert_allclose(apply(unrolled, variables, x), apply(scanned, variables, x), atol=1e-5)
+
+    def loss(params, model):
+        out, new = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(out**2), new
+
+    results = [jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(variables["params"], m) for m in
+               (unrolled, scanned, _tiny(scan_blocks=True, remat=True, **kw))]  # fmt: skip
+    (g1, s1), *others = results
+    for g2, s2 in others:
+        assert jax.tree.structure(s1) == jax.tree.structure(s2)
+        for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g2, s2)), strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_scanned_blocks_stochastic_depth_draws_per_block():
+    x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
+    model = _tiny(depth=(1, 1, 4), drop_path_rate=(0.0, 0.0, 0.9), scan_blocks=True)
+    variables = init(model, x)
+    train = jax.jit(lambda v, r: model.apply(v, x, train=True, rngs={"dropout": r}, mutable=["batch_stats"])[0])
+    out1, out2 = train(variables, jax.random.key(1)), train(variables, jax.random.key(2))
+    assert not np.allclose(out1, out2)  # masks follow the key
+    np.testing.assert_array_equal(out1, train(variables, jax.random.key(1)))
+    # Rate 0 everywhere: training needs no key and equals the unrolled loop's.
+    kw = {"depth": (1, 1, 4), "drop_path_rate": (0.0, 0.0, 0.0)}
+    y = _tiny(scan_blocks=True, **kw).apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(y, _tiny(**kw).apply(variables, x, train=True, mutable=["batch_stats"])[0], atol=1e-5)

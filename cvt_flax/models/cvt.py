@@ -473,10 +473,25 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, hw: tuple[int, int], train: bool) -> Array:
+    def __call__(self, x: Array, hw: tuple[int, int], train: bool, drop_path: Array | None = None) -> Array:
+        """Runs the block; ``drop_path`` (a traced rate, from `Stage`'s scan) replaces the static ``self.drop_path``."""
         norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
-        # Stochastic depth: drop the whole residual branch per example.
-        drop_path = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)))
+        if drop_path is None:
+            # Stochastic depth: drop the whole residual branch per example.
+            dropout = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)))
+
+            def drop(y: Array) -> Array:
+                return dropout(y, deterministic=not train)
+
+        else:
+
+            def drop(y: Array) -> Array:
+                if not train:
+                    return y
+                keep = 1.0 - drop_path
+                mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+                return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
+
         y = ConvAttention(
             self.dim,
             self.num_heads,
@@ -487,7 +502,7 @@ class Block(nn.Module):
             name="attn",
             **dict(self.attn_kwargs),
         )(norm(name="norm1")(x), hw, train)
-        x = x + drop_path(y, deterministic=not train)
+        x = x + drop(y)
         y = Mlp(
             int(self.dim * self.mlp_ratio),
             self.dim,
@@ -498,7 +513,7 @@ class Block(nn.Module):
             param_dtype=self.param_dtype,
             name="mlp",
         )(norm(name="norm2")(x), train)
-        return x + drop_path(y, deterministic=not train)
+        return x + drop(y)
 
 
 class Stage(nn.Module):
@@ -515,6 +530,7 @@ class Stage(nn.Module):
     attention_impl: str = "explicit"
     depthwise_impl: str = "conv"
     remat: bool = False
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -552,26 +568,69 @@ class Stage(nn.Module):
             ("depthwise_impl", self.depthwise_impl),
         )
         dpr = np.linspace(0.0, s.drop_path_rate[i], s.depth[i]) if s.depth[i] > 0 else []
-        block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
-        for j in range(s.depth[i]):
-            x = block_cls(
-                c,
-                s.num_heads[i],
-                mlp_ratio=s.mlp_ratio[i],
-                drop=s.drop_rate[i],
-                drop_path=float(dpr[j]),
-                act=self.act,
-                init_method=self.init_method,
-                attn_kwargs=attn_kwargs,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"blocks_{j}",
-            )(x, (h, w), train)
+        block_kwargs = dict(
+            dim=c,
+            num_heads=s.num_heads[i],
+            mlp_ratio=s.mlp_ratio[i],
+            drop=s.drop_rate[i],
+            act=self.act,
+            init_method=self.init_method,
+            attn_kwargs=attn_kwargs,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        if self.scan_blocks and s.depth[i] > 1 and not self.is_initializing():
+            x = self._scan_blocks(x, (h, w), train, dpr, block_kwargs)
+        else:
+            block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+            for j in range(s.depth[i]):
+                x = block_cls(drop_path=float(dpr[j]), name=f"blocks_{j}", **block_kwargs)(x, (h, w), train)
 
         cls_out = None
         if with_cls:
             cls_out, x = x[:, :1], x[:, 1:]
         return x.reshape(b, h, w, c), cls_out
+
+    def _scan_blocks(
+        self, x: Array, hw: tuple[int, int], train: bool, rates: np.ndarray, block_kwargs: dict[str, Any]
+    ) -> Array:
+        """The stage's blocks as one `jax.lax.scan` over their stacked variables (compiled once, not per block).
+
+        The variables stay where the unrolled loop puts them (``blocks_0``, ``blocks_1``, ...: the official
+        names, in checkpoints and in memory); they are stacked here for the scan, and the updated BatchNorm
+        statistics are written back per block. Initialisation always runs the unrolled loop, so parameters are the
+        same either way; the outputs agree to float rounding. Stochastic depth and dropout draw one key per block
+        from the stage's ``dropout`` stream, so in training the random masks differ from the unrolled loop's.
+        """
+        names = [f"blocks_{j}" for j in range(len(rates))]
+        block = Block(drop_path=0.0, parent=None, **block_kwargs)
+
+        def stacked(col: str) -> Any:
+            trees = [self.get_variable(col, n) for n in names]
+            return None if any(t is None for t in trees) else jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+        params, stats = stacked("params"), stacked("batch_stats")
+        attn_drop = dict(block_kwargs["attn_kwargs"])["attn_drop"]
+        random = train and (float(np.max(rates)) > 0 or block_kwargs["drop"] > 0 or attn_drop > 0)
+        keys = jax.random.split(self.make_rng("dropout"), len(names)) if random else None
+
+        def body(carry: Array, xs: Any) -> tuple[Array, Any]:
+            p, st, rate, key = xs
+            variables = {"params": p} if st is None else {"params": p, "batch_stats": st}
+            rngs = {} if key is None else {"dropout": key}
+            rate = rate if random else None
+            if train:
+                out, updates = block.apply(variables, carry, hw, True, rate, rngs=rngs, mutable=["batch_stats"])
+                return out, updates.get("batch_stats")
+            return block.apply(variables, carry, hw, False, rate, rngs=rngs), None
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, new_stats = jax.lax.scan(body, x, (params, stats, jnp.asarray(rates, jnp.float32), keys))
+        if new_stats is not None and self.is_mutable_collection("batch_stats"):
+            for j, n in enumerate(names):
+                self.put_variable("batch_stats", n, jax.tree.map(lambda a, j=j: a[j], new_stats))
+        return x
 
 
 class CvT(nn.Module):
@@ -588,6 +647,8 @@ class CvT(nn.Module):
       depthwise_impl: ``conv`` (grouped convolution) or ``shift`` (shifted
         slices; faster on CPU). Same parameters and results.
       remat: Rematerialise each block in the backward pass (saves memory).
+      scan_blocks: Run each stage's blocks as one ``lax.scan`` (`Stage._scan_blocks`): the same parameters and
+        names, a program compiled once per stage instead of once per block (GPU/TPU compile time).
       head_init_std: Std of the truncated-normal head init (official 0.02); 0
         gives a zero head, common for fine-tuning.
       dtype: Compute dtype (e.g. ``jnp.bfloat16``); LayerNorm/BatchNorm
@@ -602,6 +663,7 @@ class CvT(nn.Module):
     attention_impl: str = "explicit"
     depthwise_impl: str = "conv"
     remat: bool = False
+    scan_blocks: bool = False
     head_init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -643,6 +705,7 @@ class CvT(nn.Module):
                 attention_impl=self.attention_impl,
                 depthwise_impl=self.depthwise_impl,
                 remat=self.remat,
+                scan_blocks=self.scan_blocks,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"stage{i}",

@@ -205,6 +205,7 @@ def create_model(
     attention_impl: str = "explicit",
     depthwise_impl: str = "conv",
     remat: bool = False,
+    scan_blocks: bool = False,
     head_init_std: float = 0.02,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
@@ -220,6 +221,7 @@ def create_model(
       attention_impl: ``explicit``, ``xla`` or ``cudnn``.
       depthwise_impl: ``conv`` or ``shift`` (faster on CPU; same parameters).
       remat: Rematerialise blocks in the backward pass.
+      scan_blocks: Each stage's blocks as one ``lax.scan`` (same parameters; compiled once per stage).
       head_init_std: Std of the head init (0 for a zero head).
       dtype: Compute dtype or its name.
       param_dtype: Parameter dtype or its name.
@@ -240,6 +242,7 @@ def create_model(
         attention_impl=attention_impl,
         depthwise_impl=depthwise_impl,
         remat=remat,
+        scan_blocks=scan_blocks,
         head_init_std=head_init_std,
         dtype=as_dtype(dtype),
         param_dtype=as_dtype(param_dtype),
