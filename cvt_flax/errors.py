@@ -36,6 +36,7 @@ _OWN_TYPES = (
 EXIT_USER_ERROR = 2
 # Seconds `held_stderr` keeps holding after a dropped failure, for output that other threads print late.
 LATE_OUTPUT_S = 2.0
+_HOLDING = {"active": False}  # fd 2 is the process's: one hold at a time
 
 
 class UserError(ValueError):
@@ -179,3 +180,90 @@ def held_stderr(drop_if: Callable[[BaseException], bool]) -> Iterator[None]:
                 data = held.read()
                 if data:
                     os.write(2, data)
+
+
+# Markers of the tracebacks that Orbax's and TensorStore's reader threads print after a failed read (one per array
+# still in flight): the failure itself is reported once, by the caller.
+THREAD_NOISE = (
+    "Event loop is closed",
+    "Task exception was never retrieved",
+    "Task was destroyed but it is pending",
+    "coroutine ignored GeneratorExit",
+)
+_BLOCK_START = ("Traceback (most recent call last)", "Exception in thread", "Exception ignored in", "Task exception",
+                "Task was destroyed", "Future exception", "During handling of", "The above exception",
+                "future:", "exception=")  # fmt: skip
+
+
+def split_noise(text: str, markers: tuple[str, ...] = THREAD_NOISE) -> tuple[str, str]:
+    """Splits captured stderr into ``(kept, noise)``: traceback blocks that mention a marker are noise.
+
+    A block is a run of lines from a traceback's first line (``Traceback (most recent call last):``, ``Exception in
+    thread ...``, ``Exception ignored in ...``, asyncio's ``Task exception was never retrieved``) through its indented
+    lines to the exception's own line; every other line (log records, warnings) is kept, in order.
+    """
+    kept: list[str] = []
+    noise: list[str] = []
+    block: list[str] = []
+
+    def close() -> None:
+        if block:
+            text_ = "".join(block)
+            (noise if any(m in text_ for m in markers) else kept).extend(block)
+            block.clear()
+
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_BLOCK_START) or (block and (line[:1] in (" ", "\t", "\n", "") or line[:1] == "^")):
+            block.append(line)
+        elif block:
+            block.append(line)  # the exception's line ends the block
+            close()
+        else:
+            kept.append(line)
+    close()
+    return "".join(kept), "".join(noise)
+
+
+class _Held:
+    """What `quiet_reader_threads` yields: set ``linger`` when a read inside failed but the block goes on."""
+
+    linger = False
+
+
+@contextlib.contextmanager
+def quiet_reader_threads(log_file: str | os.PathLike | None = None) -> Iterator[_Held]:
+    """Keeps the tracebacks of Orbax's and TensorStore's reader threads out of the console (`split_noise`).
+
+    File descriptor 2 is held during the block (those threads write to it directly, bypassing logging); afterwards
+    the held output is written back without the noise, which goes to ``log_file`` (appended) when given. When a read
+    failed (the block raises, or the caller set ``held.linger``), the threads' late callbacks are waited for
+    (`LATE_OUTPUT_S`) so that they land here too. Nested blocks pass through to the outermost one.
+    """
+    held_state = _Held()
+    if _HOLDING["active"]:
+        yield held_state
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    _HOLDING["active"] = True
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield held_state
+        except BaseException:
+            held_state.linger = True
+            raise
+        finally:
+            if held_state.linger:
+                time.sleep(LATE_OUTPUT_S)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            _HOLDING["active"] = False
+            held.seek(0)
+            kept, noise = split_noise(held.read().decode("utf-8", "replace"))
+            if kept:
+                os.write(2, kept.encode())
+            if noise and log_file is not None:
+                with contextlib.suppress(OSError), open(log_file, "a") as f:
+                    f.write(noise)

@@ -362,9 +362,15 @@ class TrainMetrics(clu_metrics.Collection):
 
 
 @flax.struct.dataclass
-class TrainMetricsWithNorm(TrainMetrics):
-    """`TrainMetrics` and the global norm of the gradients (`log_grad_norm`)."""
+class TrainMetricsWithNorm(clu_metrics.Collection):
+    """`TrainMetrics` and the global norm of the gradients (`log_grad_norm`).
 
+    Written out, not subclassed: clu's `Collection` reads only the class's own annotations.
+    """
+
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: clu_metrics.Average.from_output("accuracy")
+    learning_rate: clu_metrics.LastValue.from_output("learning_rate")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
 
 

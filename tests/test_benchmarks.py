@@ -89,9 +89,10 @@ def test_benchmarked_step_is_the_training_step(shared_dir, tmp_path):
     flat_t = dict(jax.tree_util.tree_leaves_with_path(trained["params"]))
     assert len(flat_b) == len(flat_t)
     # Equal up to the summation order of the 8-device batch (BatchNorm and gradient all-reduces): AdamW's first
-    # update is about +-lr per element, so a reordering moves a near-zero gradient's element by at most 1% of lr.
+    # update is g / (|g| + eps) * lr per element, so a reordering moves an element whose gradient is near eps by a
+    # few % of lr (1e-3; seen: 2.2e-5 in 1 of 4,608 elements); every other element agrees to float rounding (mean).
     for path, x in flat_b:
-        np.testing.assert_allclose(x, flat_t[path], rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(x, flat_t[path], rtol=0, atol=5e-5, err_msg=jax.tree_util.keystr(path))
     assert np.mean([np.mean(np.abs(x - flat_t[p])) for p, x in flat_b]) < 1e-7
 
     other, other_loss = _benchmark_step(_fashion_workload(label_smoothing=0.0), jax.device_put(first))

@@ -164,7 +164,7 @@ def test_report_on_the_cpu_backend():
     assert ours["init"]["where"] == "host cpu" and ours["init"]["compile_s"] > 0 and ours["init"]["parts"] >= 1
     for key in ("trace_s", "lower_s", "compile_s", "stablehlo_ops", "kernels", "memory", "cost_estimate"):
         assert key in ours["eval"], key
-    assert ours["eval"]["memory"]["need"] > 0 and ours["num_params"] > 100_000
+    assert ours["eval"]["memory"]["need"] > 0 and ours["num_params"] > 50_000
     plain = compile_only.run_child({**spec, "program": "plain", "parts": ["eval"]}, cold=False)
     assert plain["num_params"] == ours["num_params"]  # like for like
     text = compile_only.markdown([ours, plain], {"model": "cvt_tiny", "image_size": 32, "dtype": "float32",
