@@ -72,7 +72,11 @@ def _config(spec: dict[str, Any]) -> Any:
             node = node[p]
         if leaf not in node:
             raise ValueError(f"--set {key}: the config has no field {key!r} (see configs/default.py).")
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+        old = node[leaf]
+        if isinstance(old, bool):
+            node[leaf] = str(value).lower() in ("1", "true", "yes")
+        else:
+            node[leaf] = type(old)(value) if old is not None else value
     return config
 
 

@@ -20,8 +20,8 @@
 # Knobs (environment):
 #   TOTAL_S=500        overall budget in seconds for the measured parts (start-up and imports included)
 #   COMPILE_REPORT=1 CR_S=200  part C and its budget. Sized from the compile-only figures (README "Compile-only
-#                      figures": on a 2-core host the H100 program of ours reaches its first step in ~60 s, plain in
-#                      ~45 s; the GPU host's 16 cores run LLVM/ptxas in parallel, autotuning adds to it), so both
+#                      figures": on a 2-core host the H100 program of ours reaches its first step in ~54 s, plain in
+#                      ~121 s, 75 s of it its jitted init; the GPU host's 16 cores run LLVM/ptxas in parallel, autotuning adds to it), so both
 #                      programs, 10 timed steps each and the autotuning probe fit; what does not fit is cut
 #   CR_MODEL=cvt_13 CR_SIZE=224 CR_BATCH=128 CR_RECIPE=configs/imagenet.py:variant=13 CR_PROGRAMS=ours,plain
 #   STEPS=10 WARMUP=2  timed / untimed steps per measurement

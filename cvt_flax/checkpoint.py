@@ -223,7 +223,11 @@ def load_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise FileNotFoundError(
             f"{directory} has {INFO_FILE} but no {VARIABLES_DIR}/ (an incomplete or damaged checkpoint). {_HOW_TO_MAKE}"
         )
-    restored = ocp.PyTreeCheckpointer().restore(target)
+    try:
+        with errors.quiet_reader_threads(), _quiet_failed_reads():
+            restored = ocp.PyTreeCheckpointer().restore(target)
+    except Exception as e:  # noqa: BLE001 - model.json was readable: the array files are at fault
+        raise DamagedCheckpointError(target, e) from e
     variables = {c: _to_numpy_tree(restored.get(c, {}) or {}) for c in COLLECTIONS}
     return variables, info
 
@@ -452,8 +456,13 @@ class Checkpoints:
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _state_dict(abstract_state)
         )
+        state_dir = self.directory / str(step) / "state"
+        if not (state_dir / "_METADATA").exists():
+            # Without its index Orbax sees an empty tree, which would pass for a checkpoint of another structure.
+            missing = f"{state_dir / '_METADATA'} (the index of its arrays) is missing"
+            raise DamagedCheckpointError(state_dir.parent, missing)
         stored = self._stored_shapes(step)
-        if stored is None:
+        if not stored:
             raise DamagedCheckpointError(self.directory / str(step), "its array metadata cannot be read")
         wanted = {param_groups.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
         if stored != wanted:
@@ -496,15 +505,19 @@ class Checkpoints:
         """
         steps = self.all_steps()
         damaged: list[DamagedCheckpointError] = []
-        for step in reversed(steps):
-            try:
-                state, meta = self.restore(step, abstract_state, sharding, expected)
-            except DamagedCheckpointError as err:
-                logging.warning("%s", err)
-                damaged.append(err)
-                continue
-            self._move_aside(damaged)
-            return state, meta, step
+        # The reader threads of a failed read print a traceback per array still in flight: into error.log.
+        log = None if paths.is_remote(self.directory) else self.directory.parent / "error.log"
+        with errors.quiet_reader_threads(log_file=log) as held:
+            for step in reversed(steps):
+                try:
+                    state, meta = self.restore(step, abstract_state, sharding, expected)
+                except DamagedCheckpointError as err:
+                    logging.warning("%s", err)
+                    damaged.append(err)
+                    held.linger = True
+                    continue
+                self._move_aside(damaged)
+                return state, meta, step
         if damaged:
             listing = "\n  ".join(str(d) for d in damaged)
             raise DamagedCheckpointError(
@@ -563,10 +576,14 @@ def restore_raw(step_dir: epath.Path) -> dict[str, Any]:
     """Restores a training checkpoint's ``state`` item as numpy arrays (no target, no devices)."""
     item = step_dir / "state"
     ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(item)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    try:
+        with errors.quiet_reader_threads(), _quiet_failed_reads():
+            meta = ckptr.metadata(item)
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:  # noqa: BLE001 - a finalized checkpoint that does not read back
+        raise DamagedCheckpointError(step_dir, e) from e
 
 
 def _numeric_dirs(path: epath.Path) -> list[int]:
@@ -1041,10 +1058,20 @@ def check_resume_config(
         logging.info("Changed since the last start (allowed):\n%s", _listing(changes["free"]))
 
 
+def _config_text(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+
+
+def run_config_changed(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> bool:
+    """Whether ``config`` differs from the workdir's ``config.json`` (True when there is none)."""
+    path = paths.as_path(workdir) / CONFIG_FILE
+    return not path.is_file() or path.read_text() != _config_text(config)
+
+
 def save_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int) -> None:
     """Writes ``config.json`` (atomically), keeping a differing previous one as ``config.step<N>.json``."""
     path = paths.as_path(workdir) / CONFIG_FILE
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+    text = _config_text(config)
     if path.is_file():
         old = path.read_text()
         if old == text:

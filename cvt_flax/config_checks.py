@@ -32,7 +32,6 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "grad_clip_norm": (0.0, INF, True, False, "0: no clipping"),
     "label_smoothing": (0.0, 1.0, True, False, ""),
     "ema_decay": (0.0, 1.0, True, False, "0: no EMA"),
-    "layer_decay": (0.0, 1.0, True, True, "0 or 1: off"),
     "drop_path_rate": (-INF, 1.0, False, False, "negative: the variant's"),
     "dropout_rate": (-INF, 1.0, False, False, "negative: the variant's"),
     "attn_dropout_rate": (-INF, 1.0, False, False, "negative: the variant's"),

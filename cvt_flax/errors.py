@@ -43,6 +43,13 @@ class UserError(ValueError):
     """An error the user can fix (config, flags, data, checkpoint, file system); its message says how."""
 
 
+class TrainingDivergedError(UserError, FloatingPointError):
+    """A non-finite loss or parameters: the recipe diverged.
+
+    Exit 2 like other user errors; the message says how to recover, and the last good checkpoint stays.
+    """
+
+
 def _raised_by_own_code(exc: BaseException) -> bool:
     tb = exc.__traceback__
     last = None

@@ -152,6 +152,37 @@ def _save_tf(infer: Any, leaves: list[np.ndarray], shape: tuple[int, int, int], 
 
     module.serve = serve
     tf.saved_model.save(module, os.fspath(directory), signatures={"serving_default": serve})  # gs:// too
+    _check_saved_model(directory, infer, leaves, shape)
+
+
+def _check_saved_model(directory: epath.Path, infer: Any, leaves: list[np.ndarray], shape: tuple[int, ...]) -> None:
+    """Loads the SavedModel back with this TensorFlow and compares one image's logits with jax's.
+
+    A SavedModel holds a serialized StableHLO program that the loading TensorFlow must be able to deserialize
+    (TensorFlow 2.21 reads StableHLO up to its own version, not newer ops); an artefact that this TensorFlow cannot
+    load is removed and refused, so that no export that cannot be served is left behind.
+    """
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    try:
+        served = tf.saved_model.load(os.fspath(directory)).signatures["serving_default"](images=tf.constant(x))
+        got = served["logits"].numpy()
+    except Exception as e:  # noqa: BLE001 - any failure to load or run means: cannot be served here
+        directory.rmtree()
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise errors.UserError(
+            f"TensorFlow {tf.__version__} cannot load the SavedModel this export would write ({first}); it was "
+            "not kept. The jax.export files are written; serve those (cvt_serving.py), or export with the "
+            "TensorFlow version that will serve it."
+        ) from e
+    want = np.asarray(infer(leaves, x)[0])
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+        directory.rmtree()
+        raise errors.UserError(
+            f"The SavedModel's logits differ from jax's by {float(np.max(np.abs(got - want))):.3g} under "
+            f"TensorFlow {tf.__version__}; it was not kept. The jax.export files are written; serve those."
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--saved-model", action="store_true", help="Also write a TF SavedModel (needs TensorFlow).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing export in --output.")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="Allow torch.load(weights_only=False) for a .pth file you trust."
+    )
     return parser
 
 
@@ -181,7 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
     try:
         out = export_model(
-            args.model, args.output, platforms=platforms, saved_model=args.saved_model, overwrite=args.overwrite
+            args.model,
+            args.output,
+            platforms=platforms,
+            saved_model=args.saved_model,
+            overwrite=args.overwrite,
+            **({"trust_pickle": True} if args.trust_pickle else {}),
         )
     except Exception as e:  # noqa: BLE001 - a user error becomes one message; an internal one re-raises
         return errors.report(e)

@@ -106,6 +106,7 @@ def predict(
     top_k: int = 5,
     *,
     batch_size: int = 64,
+    trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
     """Classifies images: top-k class names and probabilities per image.
 
@@ -116,12 +117,13 @@ def predict(
         and uint8 arrays.
       top_k: Classes per image.
       batch_size: Images per jitted call (the last batch is padded, so it compiles once).
+      trust_pickle: Allow ``torch.load(weights_only=False)`` for a local ``.pth`` file you trust.
 
     Returns:
       One ``{'image': path (or list index), 'predictions': [{'index', 'label', 'probability'}, ...]}`` per image,
       most probable first.
     """
-    predictor = load_predictor(model_or_name)
+    predictor = load_predictor(model_or_name, **({"trust_pickle": True} if trust_pickle else {}))
     if isinstance(images_or_paths, str | os.PathLike):
         images_or_paths = [images_or_paths]
     items: list[Any] = []
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=5, help="Classes per image (default 5).")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per batch (default 64).")
     parser.add_argument("--json", action="store_true", help="Print one JSON document (a list, one entry per image).")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="Allow torch.load(weights_only=False) for a .pth file you trust."
+    )
     return parser
 
 
@@ -158,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return errors.report(errors.UserError("--top-k and --batch-size must be positive."))
     try:
         files = serving.list_images(args.images)
-        results = predict(args.model, files, top_k=args.top_k, batch_size=args.batch_size)
+        results = predict(
+            args.model, files, top_k=args.top_k, batch_size=args.batch_size, trust_pickle=args.trust_pickle
+        )
     except Exception as e:  # noqa: BLE001 - a user error becomes one message; an internal one re-raises
         return errors.report(e)
     if args.json:

@@ -357,6 +357,29 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> pathlib.Path:
 # ----------------------------------------------------------------------------- from_pretrained
 
 
+EXPECTED_INPUTS = (
+    "expected a .pth/.bin/.safetensors file, an HF directory with config.json, a model directory with model.json, "
+    "or a hub id"
+)
+# How weight files begin: a zip archive (torch.save since 1.6), a pickle (protocol 2-5: older torch.save), or
+# safetensors (an 8-byte header length, then the JSON header).
+_ZIP, _PICKLE = b"PK\x03\x04", (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def looks_like_weights_file(path: epath.Path) -> bool:
+    """Whether a file's name and first bytes are those of a torch or safetensors weight file."""
+    if path.suffix.lower() not in (".pth", ".pt", ".bin", ".ckpt", ".safetensors"):
+        return False
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:
+        return True  # let the loader name the problem
+    if path.suffix.lower() == ".safetensors":
+        return len(head) >= 9 and head[8:9] == b"{"
+    return head.startswith(_ZIP) or head.startswith(_PICKLE)
+
+
 def _is_hf_dir(path: epath.Path) -> bool:
     return (path / "config.json").is_file() or any((path / w).is_file() for w in WEIGHT_FILES)
 
@@ -398,6 +421,8 @@ def load(
             "pytorch_model.bin) or a .pth file. " + CONVERT_HINT
         )
     if path.is_file():
+        if not looks_like_weights_file(path):
+            raise PretrainedError(f"{path} is not a CvT checkpoint ({EXPECTED_INPUTS}).")
         variables, info = convert.convert_checkpoint(path, trust_pickle=trust_pickle, **convert_kwargs)
         return variables, {**info, "source": str(path)}
     if looks_like_hub_id(name_or_path):

@@ -93,19 +93,95 @@ def list_images(inputs: Iterable[str | os.PathLike]) -> list[Any]:
     return files
 
 
-def load_image(image: Any) -> Any:
-    """A PIL image from a path, a PIL image or a uint8 array ``[H, W]`` / ``[H, W, C]`` (C 1, 3 or 4)."""
+def _scaled_to_8bit(values: np.ndarray, full_scale: float | None) -> np.ndarray:
+    """uint8 of ``values / full_scale`` (None: the image's own min..max), rounded."""
+    x = values.astype(np.float64)
+    if full_scale is None:
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 1.0)
+        x, full_scale = x - lo, (hi - lo) or 1.0
+    return np.clip(np.rint(x / full_scale * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_8bit(im: Any) -> Any:
+    """A decoded PIL image of any mode -> 8-bit 'L', 'LA', 'RGB' or 'RGBA', without clipping high bit depths.
+
+    * 16-bit integers (``I;16*``, e.g. 16-bit grayscale PNG/TIFF): ``round(v * 255 / 65535)``; PIL's own
+      conversion would clip them at 255 (a 16-bit photo turns almost white).
+    * 32-bit integers (``I``): values in [0, 65535] are 16-bit data (as PIL reads some 16-bit files), else the
+      image's own range maps to [0, 255].
+    * Floats (``F``): values in [0, 1] scale by 255, any other range maps its min..max to [0, 255].
+    * Palette (``P``, ``PA``; e.g. GIF) -> RGBA when transparent, else RGB; CMYK, YCbCr, LAB, HSV -> RGB;
+      bilevel (``1``) -> L. Alpha is kept here; `decode` drops it as PIL's ``convert`` does (and the HuggingFace
+      processors).
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return im
+    if mode.startswith("I;16"):
+        return Image.fromarray(_scaled_to_8bit(np.asarray(im), 65535.0))
+    if mode == "I":
+        a = np.asarray(im)
+        in_16 = a.size == 0 or (a.min() >= 0 and a.max() <= 65535)
+        return Image.fromarray(_scaled_to_8bit(a, 65535.0 if in_16 else None))
+    if mode == "F":
+        a = np.asarray(im)
+        finite = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        in_01 = finite.size == 0 or (finite.min() >= 0.0 and finite.max() <= 1.0)
+        return Image.fromarray(_scaled_to_8bit(finite, 1.0 if in_01 else None))
+    if mode in ("P", "PA"):
+        return im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("La", "RGBa"):  # premultiplied alpha
+        return im.convert("LA" if mode == "La" else "RGBA")
+    return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, ...
+
+
+def decode(im: Any, channels: int) -> Any:
+    """An opened PIL image -> the model's channels (1: 'L', ITU-R 601-2 luminance; 3: 'RGB'), as a user expects.
+
+    The first frame of an animation; the EXIF orientation applied (a phone photo taken upright is upright); high
+    bit depths scaled by their range (`to_8bit`); alpha dropped. The one decoding of image files: predict,
+    export's serving function and the image-folder training pipelines (tf.data and the TF-free one) all call it,
+    so that training and serving see the same pixels.
+    """
+    from PIL import ImageOps
+
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    im.load()
+    im = ImageOps.exif_transpose(im) or im
+    im = to_8bit(im)
+    want = "L" if int(channels) == 1 else "RGB"
+    return im if im.mode == want else im.convert(want)
+
+
+def decode_bytes(data: bytes, channels: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 ``[H, W, channels]`` (`decode`)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(decode(im, channels), np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def load_image(image: Any, channels: int = 3) -> Any:
+    """A PIL image in the model's channels (`decode`) from a path, a PIL image or a uint8 array.
+
+    Arrays are ``[H, W]`` or ``[H, W, C]`` with C 1, 3 or 4, uint8 (0-255).
+    """
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return image
+        return decode(image, channels)
     if isinstance(image, str | os.PathLike):
         try:
             source = io.BytesIO(_path(image).read_bytes()) if _is_url(image) else image  # PIL opens local files only
             with Image.open(source) as im:
-                im.load()
-                return im
-        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+                return decode(im, channels)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise ValueError(f"Cannot read {image} as an image ({type(e).__name__}: {e}).") from e
     array = np.asarray(image)
     if array.dtype != np.uint8:
@@ -115,20 +191,26 @@ def load_image(image: Any) -> Any:
         )
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    return Image.fromarray(array)
+    return decode(Image.fromarray(array), channels)
 
 
 def resize_image(im: Any, size: int, shorter_side: int | None, resample: Any) -> Any:
     """A PIL image -> ``size x size``: a plain resize (``shorter_side`` None), or the evaluation centre crop.
 
-    The centre crop resizes the shorter side to ``shorter_side`` (``floor(size / crop_pct)``; the other side in
-    proportion, at least ``size``), then takes the centre ``size x size``. The one PIL form of the rule, used for
-    serving and by the TensorFlow-free input pipeline (`cvt_flax.data.device`).
+    The centre crop resizes the shorter side to ``shorter_side`` (``floor(size / crop_pct)``) and the longer one
+    to ``int(shorter_side * long / short)`` (truncated, as torchvision's ``Resize(int)`` and HuggingFace's
+    ``get_resize_output_image_size`` compute it; at least ``size``), then takes the centre ``size x size``
+    (top-left at ``((w - size) // 2, (h - size) // 2)``). The one PIL form of the rule, used for serving and by
+    the TensorFlow-free input pipeline (`cvt_flax.data.device`).
     """
     if shorter_side is None:
         return im if im.size == (size, size) else im.resize((size, size), resample)
-    scale = shorter_side / min(im.size)
-    w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+    w, h = im.size
+    if w <= h:
+        w, h = shorter_side, int(shorter_side * h / w)
+    else:
+        w, h = int(shorter_side * w / h), shorter_side
+    w, h = max(size, w), max(size, h)
     if (w, h) != im.size:
         im = im.resize((w, h), resample)
     left, top = (w - size) // 2, (h - size) // 2
@@ -146,9 +228,8 @@ def preprocess(image: Any, preprocessing: Mapping[str, Any]) -> np.ndarray:
     Returns:
       The normalised image.
     """
-    im = load_image(image)
     channels = int(preprocessing["channels"])
-    im = im.convert("L" if channels == 1 else "RGB")  # 'L': ITU-R 601-2 luminance
+    im = load_image(image, channels)
     size = int(preprocessing["image_size"])
     resample = _RESAMPLE[str(preprocessing.get("interpolation", "bilinear"))]
     center = preprocessing.get("crop", "none") == "center"

@@ -36,8 +36,11 @@ files above and the TensorBoard events; every process takes part in each Orbax
 checkpoint save and restore, and reads its own share of the data.
 
 A non-finite loss (or non-finite parameters at a checkpoint) stops the run with
-`FloatingPointError`; non-finite states are never saved, so the last good
-checkpoint stays the latest.
+`errors.TrainingDivergedError` (one message, exit 2 from the CLI); non-finite states are
+never saved, so the last good checkpoint stays the latest. ``config.json`` and
+``parameters.txt`` describe the checkpoints on disk: a resume with a changed recipe
+rewrites them only once its first checkpoint is committed (the previous config kept
+as ``config.step<N>.json``), so a resume that fails leaves them as they were.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -60,7 +63,19 @@ from etils import epath
 from flax import traverse_util
 
 from cvt_flax import checkpoint as ckpt_lib
-from cvt_flax import compilation_cache, data, errors, flops, models, param_groups, paths, plots, sharding, writers
+from cvt_flax import (
+    compilation_cache,
+    config_checks,
+    data,
+    errors,
+    flops,
+    models,
+    param_groups,
+    paths,
+    plots,
+    sharding,
+    writers,
+)
 from cvt_flax import train_utils as tu
 from cvt_flax.errors import UserError
 
@@ -93,9 +108,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     tu.log_grad_norm(config)
     for name in ("batch_size", "eval_batch_size"):
         sharding.check_batch_size(config[name], name)
-    for name in ("label_smoothing",):
-        if not 0.0 <= config[name] < 1.0:
-            raise ValueError(f"--config.{name}={config[name]} must be in [0, 1).")
+    config_checks.check_numeric_fields(config)  # lr, decay, betas, smoothing, mixing, drop rates, EMA: ranges
 
 
 def validate_image_size(config: ml_collections.ConfigDict, spec: models.CvTSpec) -> None:
@@ -374,12 +387,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # The config and inputs are valid and the state is restored: only now does this run write its files.
         if start.source == "checkpoint":
             ckpt_lib.check_resume_config(config, workdir_path, int(state.step), info.num_train_examples)
-        if is_main:
-            ckpt_lib.save_run_config(config, workdir_path, int(state.step))
-            _write_parameter_overview(workdir_path / PARAMETERS_FILE, state.params)
+        resumed_at, params = int(state.step), state.params
+
+        def describe_run() -> None:
+            """config.json (the previous one kept as config.step<resumed_at>.json) and parameters.txt."""
+            if is_main:
+                ckpt_lib.save_run_config(config, workdir_path, resumed_at)
+                _write_parameter_overview(workdir_path / PARAMETERS_FILE, params)
+
+        # A new run describes itself at once; a resumed one when its first checkpoint is committed (before that,
+        # the files must keep describing the checkpoints on disk, and a failed resume changes nothing).
+        deferred = start.source == "checkpoint" and ckpt_lib.run_config_changed(config, workdir_path)
+        if not deferred:
+            describe_run()
         assert ckpts is not None  # only eval-only runs go without
         return _train_loop(
             config, workdir_path, state, program, mesh, ckpts, best, info, macs, t_start, stop_flag, ahead,
+            describe_on_commit=describe_run if deferred else None,
         )  # fmt: skip
     finally:
         stop_flag.uninstall()
@@ -470,6 +494,7 @@ def _train_loop(
     t_start: float,
     stop_flag: _StopFlag,
     ahead: tu.CompileAhead,
+    describe_on_commit: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     start_step = int(state.step)
@@ -501,10 +526,16 @@ def _train_loop(
 
     def save(step: int, eval_metrics: Mapping[str, float] | None) -> None:
         if not bool(tu.tree_all_finite(state.params)):
-            raise FloatingPointError(_nonfinite_error("Non-finite parameters", step, ckpts.latest_step(), config))
+            what = "Non-finite parameters"
+            raise errors.TrainingDivergedError(_nonfinite_error(what, step, ckpts.latest_step(), config))
         with reporter.timed("checkpoint"):
             history.flush()  # the metrics up to a checkpoint are durable with it (Cloud Storage rewrites lazily)
             ckpts.save(step, state, meta(step), {"accuracy": eval_metrics["accuracy"]} if eval_metrics else None)
+        nonlocal describe_on_commit
+        if describe_on_commit is not None:  # a resumed run: its first checkpoint is the first of this recipe
+            ckpts.wait()
+            describe_on_commit()
+            describe_on_commit = None
 
     train_iter = data.create_train_iterator(config, mesh, seed=config.seed, start_step=start_step)
     eval_iter = data.create_eval_iterator(config, mesh)  # built once, one pass per evaluation
@@ -522,8 +553,8 @@ def _train_loop(
             first_step_at = time.time() - t_start
             logging.info(
                 "First step done %.1f s after the start (%.1f s of set-up: data, model, initialisation or restore; "
-                "%.1f s for the step: compilation and one step).",
-                first_step_at, t_loop - t_start, reporter.sections["first_step"],
+                "%.1f s for the step; the train step compiled in %.1f s alongside).",
+                first_step_at, t_loop - t_start, reporter.sections["first_step"], ahead.seconds.get("train", 0.0),
             )  # fmt: skip
         reporter.tick(step)
         train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
@@ -537,7 +568,7 @@ def _train_loop(
             train_metrics = None
             if not np.isfinite(values["loss"]):
                 what = f"Non-finite training loss ({values['loss']})"
-                raise FloatingPointError(_nonfinite_error(what, step, ckpts.latest_step(), config))
+                raise errors.TrainingDivergedError(_nonfinite_error(what, step, ckpts.latest_step(), config))
             speed = reporter.report(step)
             writer.write_scalars(
                 step,
@@ -610,6 +641,8 @@ def _train_loop(
         "time_to_first_step_s": first_step_at,
         "first_step_s": reporter.sections.get("first_step"),
         "setup_s": t_loop - t_start,
+        # Compile time of each step function (on the CompileAhead thread; near 0 from the persistent cache).
+        "compile_s": dict(ahead.seconds),
         "train_time_s": reporter.train_time,
         "eval_time_s": reporter.sections.get("eval", 0.0),
         # Throughput without the first log window (compilation), eval and checkpoint time.

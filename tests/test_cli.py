@@ -4,6 +4,7 @@ Each case is a real `python main.py ...` process. A case that printed a tracebac
 one `error:` line fails; so does a message that does not name its cause and fix (the `expect` fragments).
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -65,6 +66,9 @@ CASES = {
     "image too small": ([*SMOKE, "--config.model=cvt_13", "--config.image_size=2"], ["image_size=2", "at least 3"]),
     "missing data dir": ([*SMOKE, "--config.data_dir=/nonexistent/tfds", "--config.download=False"], ["nonexistent"]),
     "bad init_from": ([*SMOKE, "--config.init_from=/nonexistent/run"], ["init_from", "does not exist"]),
+    # numeric recipe fields, refused before any compile (cvt_flax.config_checks)
+    "nan learning rate": ([*SMOKE, "--config.learning_rate=nan"], ["--config.learning_rate=nan", "(0, inf)"]),
+    "beta2 of one": ([*SMOKE, "--config.b2=1.0"], ["--config.b2=1.0 is out of range", "[0, 1)"]),
 }
 
 
@@ -154,9 +158,19 @@ def test_resume_with_another_recipe_needs_the_switch(shared_dir, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert_one_message(main_py(*args, "--config.num_train_steps=6"), "num_train_steps: 4 -> 6", "allow_recipe_change")
     assert_one_message(main_py(*args, "--config.act=gelu"), "act: 'quick_gelu' -> 'gelu'", "new --workdir")
+    run = tmp_path / "run"
+    described = {name: (run / name).read_bytes() for name in ("config.json", "parameters.txt")}
+    # A changed resume that diverges: one message, exit 2, and the workdir still describes its checkpoints.
+    diverged = main_py(*args, "--config.num_train_steps=6", "--config.allow_recipe_change=True",
+                       "--config.learning_rate=1e30")  # fmt: skip
+    assert_one_message(diverged, "training diverged", "last good checkpoint (step 4)", "--config.learning_rate")
+    assert {name: (run / name).read_bytes() for name in described} == described
+    assert not (run / "config.step4.json").exists()
+    assert "Traceback" in (run / "error.log").read_text()  # the traceback is kept, out of the console
     again = main_py(*args, "--config.num_train_steps=6", "--config.allow_recipe_change=True")
     assert again.returncode == 0 and "Resuming at step 4 with a changed recipe" in again.stderr
-    assert (tmp_path / "run" / "config.step4.json").is_file()  # the earlier config is kept
+    assert (run / "config.step4.json").read_bytes() == described["config.json"]  # the earlier config is kept
+    assert json.loads((run / "config.json").read_text())["num_train_steps"] == 6
 
 
 def test_the_package_is_installed_with_its_commands(tmp_path):
@@ -173,3 +187,38 @@ def test_the_package_is_installed_with_its_commands(tmp_path):
     proc = subprocess.run([str(bindir / "cvt-train"), "--help"], capture_output=True, text=True, cwd=tmp_path,
                           env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 0 and "configs/fashion_mnist.py" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_one_warning_and_a_move(shared_dir, tmp_path):
+    """A deleted manifest in the newest checkpoint (the case whose reader threads printed 353 tracebacks): the
+    resume prints the warning and the move, no traceback, and continues from the intact step; the tracebacks are
+    kept in error.log."""
+    run = tmp_path / "run"
+    args = [*SMOKE, f"--workdir={run}", f"--config.data_dir={shared_dir / 'tfds'}"]
+    first = main_py(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run / "checkpoints" / "4" / "state" / "manifest.ocdbt").unlink()
+    again = main_py(*args)  # the same command: resumes from step 2 and trains to step 4 again
+    err = again.stderr
+    assert again.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-5000:]
+    assert "is damaged" in err and "Moved the damaged checkpoint" in err and "checkpoints/2" in err, err[-3000:]
+    assert (run / "damaged_checkpoints" / "4" / "state").is_dir()
+
+
+def test_reader_thread_noise_is_split_from_the_log():
+    """errors.split_noise: the tracebacks of Orbax's reader threads go, log records and other tracebacks stay."""
+    text = (
+        "05:00:01 WARNING: The checkpoint /w/checkpoints/4 is damaged and cannot be restored (...).\n"
+        'Exception in thread Thread-7:\nTraceback (most recent call last):\n  File "x.py", line 1, in f\n'
+        "    loop.call_soon(cb)\nRuntimeError: Event loop is closed\n"
+        "Task exception was never retrieved\nfuture: <Task finished coro=<read()>>\nTraceback (most recent call "
+        'last):\n  File "y.py", line 2, in read\nValueError: truncated\n'
+        "05:00:02 WARNING: Moved the damaged checkpoint /w/checkpoints/4 to /w/damaged_checkpoints/4 (not deleted).\n"
+        "Traceback (most recent call last):\n  File \"z.py\", line 3, in g\nKeyError: 'real'\n"
+    )
+    kept, noise = errors.split_noise(text)
+    assert kept.splitlines()[0].endswith("cannot be restored (...).") and "Moved the damaged" in kept
+    assert "KeyError: 'real'" in kept and "Event loop is closed" not in kept and "never retrieved" not in kept
+    assert noise.count("Traceback") == 2 and "ValueError: truncated" in noise

@@ -393,3 +393,41 @@ def test_feature_probe_of_a_trained_model(digits_run, shared_dir, capsys):
     assert all(0.0 <= r["random"] <= 1.0 for r in rows[1:])
     assert any(r["pretrained"] != r["random"] for r in rows[1:])  # the random network is a different one
     assert feature_probe.nearest_class_mean(np.eye(2), np.array([0, 1]), np.eye(2), np.array([0, 1])) == 1.0
+
+
+@pytest.mark.slow
+def test_saved_model_of_an_hf_erf_gelu_model_loads_in_tensorflow(tiny_hf, tmp_path):
+    """An HF-converted CvT (exact erf GELU) exports a SavedModel that TensorFlow's own loader runs, equal to torch
+    and to the jax.export artefact; the program holds no StableHLO composite (which TF 2.21 cannot read)."""
+    tf = pytest.importorskip("tensorflow")
+    from jax import export as jax_export
+
+    from cvt_flax.export import SAVED_MODEL_DIR, load_exported
+    from cvt_flax.export import main as export_main
+
+    hf_dir, x, ref = tiny_hf
+    out = tmp_path / "exported"
+    assert export_main(["--model", str(hf_dir), "--output", str(out), "--saved-model", "--platforms", "cpu"]) == 0
+    exported = jax_export.deserialize(bytearray((out / serving.EXPORT_FILE).read_bytes()))
+    assert "composite" not in exported.mlir_module()
+    served = tf.saved_model.load(str(out / SAVED_MODEL_DIR)).signatures["serving_default"](images=tf.constant(x))
+    logits, _ = load_exported(out)(x)
+    np.testing.assert_allclose(served["logits"].numpy(), logits, atol=1e-5)
+    np.testing.assert_allclose(served["logits"].numpy(), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "notes.pth", "weights.safetensors"])
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, capsys, name):
+    """predict, export and from_pretrained: one line naming what --model accepts; no pickle advice."""
+    from cvt_flax.export import main as export_main
+
+    bad = tmp_path / name
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint" * 4)
+    expected = f"{bad} is not a CvT checkpoint (expected a .pth/.bin/.safetensors file, an HF directory with " \
+               "config.json, a model directory with model.json, or a hub id)"  # fmt: skip
+    assert export_main(["--model", str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert predict_main(["--model", str(bad), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count(expected) == 2 and "pickle" not in err, err
+    with pytest.raises(pretrained.PretrainedError, match="is not a CvT checkpoint"):
+        pretrained.from_pretrained(str(bad))

@@ -294,6 +294,40 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(shared_dir, fmni
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
 
+def _truncate_array_file(step_dir):
+    """Cuts the largest array file of a checkpoint in half (a copy or a disk that gave out mid-write)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.name not in ("_METADATA", "_sharding")]
+    big = max(files, key=lambda p: p.stat().st_size)
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+
+
+DAMAGES = {
+    "truncated array file": _truncate_array_file,
+    "deleted manifest": lambda step_dir: (step_dir / "state" / "manifest.ocdbt").unlink(),
+    "deleted _METADATA": lambda step_dir: (step_dir / "state" / "_METADATA").unlink(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_each_damaged_checkpoint_kind_falls_back_quietly(shared_dir, fmnist_straight, tmp_path, capfd, caplog, damage):
+    """Each kind of damage to the newest checkpoint is recognised as damage (a missing _METADATA used to read as a
+    checkpoint of another structure): moved aside, resumed from the one before. (What the console shows is
+    tested on a real process: test_cli.test_a_damaged_checkpoint_is_one_warning_and_a_move.)"""
+    _, straight_dir = fmnist_straight
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_dir, workdir)
+    DAMAGES[damage](workdir / "checkpoints" / "4")
+    capfd.readouterr()
+    with caplog.at_level("WARNING"):
+        again = run_real(fmnist_config(shared_dir), workdir)
+    err = capfd.readouterr().err
+    assert again["status"] == "completed" and again["resumed_from_step"] == 2 and again["step"] == 4
+    assert (workdir / "damaged_checkpoints" / "4" / "state").is_dir()
+    assert "Traceback" not in err, err[-3000:]
+    assert "is damaged" in caplog.text and "Moved the damaged checkpoint" in caplog.text, caplog.text[-3000:]
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(shared_dir, fmnist_straight, tmp_path, monkeypatch):
     straight, straight_dir = fmnist_straight

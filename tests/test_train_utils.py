@@ -20,7 +20,7 @@ import pytest
 
 from configs import default
 from cvt_flax import checkpoint as ckpt_lib
-from cvt_flax import models, plots, sharding, writers
+from cvt_flax import config_checks, errors, models, plots, sharding, writers
 from cvt_flax import train_utils as tu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -379,3 +379,36 @@ def test_config_changes_by_kind():
     assert changes["identity"] == [("model", "cvt_mini", "cvt_tiny")]
     assert changes["recipe"] == [("aug.hflip", True, False), ("learning_rate", 2e-3, 1e-3)]
     assert changes["free"] == [("init_method", None, "trunc_norm"), ("log_every_steps", 50, 10)]
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("learning_rate", float("nan"), r"--config.learning_rate=nan is out of range: .* \(0, inf\)"),
+        ("learning_rate", -1e-3, r"learning_rate=-0.001 .* \(0, inf\)"),
+        ("min_learning_rate", 1.0, r"min_learning_rate=1.0 is above --config.learning_rate"),
+        ("warmup_epochs", float("inf"), r"warmup_epochs=inf .* \[0, inf\)"),
+        ("weight_decay", -0.05, r"weight_decay=-0.05 .* \[0, 10\]"),
+        ("b1", 1.0, r"b1=1.0 .* \[0, 1\)"),
+        ("eps", 0.0, r"eps=0.0 .* \(0, 1\]"),
+        ("momentum", 1.5, r"momentum=1.5"),
+        ("label_smoothing", 1.0, r"label_smoothing=1.0 .* \[0, 1\)"),
+        ("ema_decay", 1.0, r"ema_decay=1.0 .* \[0, 1\) \(0: no EMA\)"),
+        ("grad_clip_norm", -1.0, r"grad_clip_norm=-1.0"),
+        ("drop_path_rate", 1.0, r"drop_path_rate=1.0 .* \(-inf, 1\) \(negative: the variant's\)"),
+        ("aug.mixup_alpha", -0.2, r"aug.mixup_alpha=-0.2"),
+        ("aug.mix_prob", 2.0, r"aug.mix_prob=2.0 .* \[0, 1\]"),
+        ("aug.random_erasing", float("nan"), r"aug.random_erasing=nan"),
+    ],
+)
+def test_numeric_recipe_fields_are_checked_up_front(field, value, match):
+    """Each field outside its range is refused with its name, value and range; every shipped recipe passes."""
+    config = default.get_config()
+    config_checks.check_numeric_fields(config)
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(errors.UserError, match=match):
+        config_checks.check_numeric_fields(config)

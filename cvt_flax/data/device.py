@@ -54,7 +54,7 @@ def _decode(data: bytes | np.ndarray, channels: int, geometry: tuple[int, str, f
     from PIL import Image
 
     img = Image.open(io.BytesIO(data)) if isinstance(data, bytes) else Image.fromarray(np.squeeze(data))
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = serving.decode(img, channels)  # the decoding of predict and export: EXIF, bit depth, palette, ...
     if geometry is not None:
         img = _pil_geometry(img, *geometry)
     arr = np.asarray(img, np.uint8)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_flax import paths
+from cvt_flax import paths, serving
 from cvt_flax.data.policy import LUMA
 from cvt_flax.errors import UserError
 
@@ -482,7 +482,7 @@ def _open_image_folder(root: str | None) -> Source:
     files = {k: [(p, index[lab]) for p, lab in v] for k, v in split_examples.items()}
     first = next(iter(files.values()))[0][0]
     with _open_image(first) as im:
-        channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        channels = 1 if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16") else 3
     return Source(
         name=IMAGE_FOLDER,
         data_dir=root,
@@ -516,7 +516,7 @@ def verify_images(paths: Sequence[str], threads: int = 16) -> None:
     def check(path: str) -> str | None:
         try:
             with _open_image(path) as im:
-                im.load()
+                serving.decode(im, 3)  # as the pipelines will decode it
         except Exception as e:  # noqa: BLE001 - any failure to decode is the file's
             return f"{path} ({type(e).__name__}: {str(e)[:120]})"
         return None

@@ -31,6 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
+from cvt_flax import serving
 from cvt_flax import sharding as sharding_lib
 from cvt_flax.data import augment_tf as aug
 from cvt_flax.data import info as info_lib
@@ -98,7 +99,12 @@ class _Reader:
     def decode(self, encoded: tf.Tensor) -> tf.Tensor:
         """Encoded image -> uint8 [H, W, model channels]."""
         if self.source.is_image_folder:
-            image = tf.io.decode_image(encoded, channels=self.source_channels, expand_animations=False)
+            # PIL through serving.decode_bytes, as predict and export decode files (EXIF orientation, 16-bit,
+            # palette, CMYK, first GIF frame): training sees the pixels that serving will.
+            channels = self.source_channels
+            image = tf.numpy_function(
+                lambda b: serving.decode_bytes(b if isinstance(b, bytes) else b.item(), channels), [encoded], tf.uint8
+            )
         else:
             image = self.source.builder.info.features["image"].decode_example(encoded)
         image = tf.ensure_shape(image, [None, None, self.source_channels])

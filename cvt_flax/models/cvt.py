@@ -62,6 +62,38 @@ def quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+# XLA's float32 erf (the decomposition of ``chlo.erf`` that jax lowers `jax.lax.erf` to): x * P(x^2) / Q(x^2) on
+# [-4, 4], clamped to [-1, 1].
+_ERF_P = (-2.72614237e-10, 2.77068146e-8, -2.10102394e-6, -5.69250624e-5, -7.34990637e-4, -2.954600e-3, -0.0160960332)
+_ERF_Q = (-1.45660715e-5, -2.13374049e-4, -0.00168282702, -0.00737332925, -0.0142647391)
+
+
+@jax.custom_jvp
+def erf(x: Array) -> Array:
+    """``erf`` in plain arithmetic: the same numbers as `jax.lax.erf` (float32), portable to every consumer.
+
+    `jax.lax.erf` is serialized as a ``stablehlo.composite "chlo.erf"`` (``vhlo.composite_v2`` in a portable
+    artefact), which TensorFlow 2.21 cannot deserialize: a SavedModel of an erf-GELU CvT would not load. Written
+    out, the program holds only multiply, add, divide and clamp. Computed in float32 (bfloat16 inputs are upcast
+    and the result cast back); the derivative is the analytic one, as `jax.lax.erf`'s.
+    """
+    xf = jnp.clip(x.astype(jnp.float32), -4.0, 4.0)
+    x2 = xf * xf
+    p = jnp.full_like(x2, _ERF_P[0])
+    for c in _ERF_P[1:]:
+        p = p * x2 + c
+    q = jnp.full_like(x2, _ERF_Q[0])
+    for c in _ERF_Q[1:]:
+        q = q * x2 + c
+    return jnp.clip(xf * p / q, -1.0, 1.0).astype(x.dtype)
+
+
+@erf.defjvp
+def _erf_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (t,) = primals, tangents
+    return erf(x), (2.0 / np.sqrt(np.pi)) * jnp.exp(-x * x).astype(x.dtype) * t
+
+
 def gelu_erf(x: Array) -> Array:
     """Exact GELU as torch computes it, ``x/2 * (1 + erf(x/sqrt(2)))``.
 
@@ -70,7 +102,7 @@ def gelu_erf(x: Array) -> Array:
     cvt_mini's stage-0 MLP alone took 6.8 ms instead of 19.4 ms on the 2-core CPU (in the whole training step
     XLA fuses differently and the difference was within the machine's noise).
     """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1.0 / np.sqrt(2.0), x.dtype)))
+    return 0.5 * x * (1.0 + erf(x * np.asarray(1.0 / np.sqrt(2.0), x.dtype)))
 
 
 def get_activation(name: str) -> Callable[[Array], Array]:
