@@ -169,7 +169,11 @@ def test_report_on_the_cpu_backend():
     assert plain["num_params"] == ours["num_params"]  # like for like
     text = compile_only.markdown([ours, plain], {"model": "cvt_tiny", "image_size": 32, "dtype": "float32",
                                                  "recipe": TINY, "date": "today"})  # fmt: skip
-    assert "compile-only" in text and "| cpu:2 | ours |" in text and "| cpu:2 | plain |" in text
+    assert "compiled and timed" in text and "compile-only" not in text  # cpu:2 is a real device: measured
+    assert "| cpu:2 | ours |" in text and "| cpu:2 | plain |" in text
+    mixed = compile_only.markdown([ours, {**plain, "target": "h100"}], {"model": "cvt_tiny", "image_size": 32,
+                                  "dtype": "float32", "recipe": TINY, "date": "today"})  # fmt: skip
+    assert "h100: compile-only" in mixed and "cpu:2: compiled and timed" in mixed
     assert "| cpu:2 | ours / plain |" in text
     json.dumps(ours)  # machine-readable as it is
 
@@ -232,3 +236,22 @@ def test_max_batch_search(monkeypatch, per_example, fixed, oom_above, most):
         expect = min(expect, oom_above * 4)
     assert found["max_global_batch"] == expect and found["per_chip"] == expect // 4
     assert len(calls) == len(set(calls)) <= most  # linear: 2 points, the answer and one above; no batch twice
+
+
+def test_max_batch_search_bisects_to_three_percent(monkeypatch):
+    """When the extrapolation misses (memory not linear in the batch), bisection stops within ~3% of the answer:
+    a verified batch that fits, and the first one known not to."""
+    calls = []
+
+    def fake_run_spec(spec, timeout_s, log_path=None):
+        batch = spec["global_batch"]
+        calls.append(batch)
+        if batch // 4 > 1500:
+            return {"error": "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm"}
+        return {"train": {"memory": {"need": (1 << 30) + (1 << 20) * (batch // 4)}, "compile_s": 1.0}}
+
+    monkeypatch.setattr(compile_only, "run_spec", fake_run_spec)
+    found = compile_only.max_batch_search({"target": "v5e:2x2", "program": "ours"}, timeout_s=1)
+    assert 0.97 * 6000 <= found["max_global_batch"] <= 6000 < found["first_not_fitting"]
+    assert found["first_not_fitting"] - found["max_global_batch"] <= 6000 // 32 + 4
+    assert len(calls) <= 12

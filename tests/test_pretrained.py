@@ -243,7 +243,8 @@ def test_preprocess_follows_the_metadata():
     assert x.shape == (16, 16, 1) and x.dtype == np.float32
     from PIL import Image
 
-    gray = Image.fromarray(rgb).convert("L").resize((43, 32), Image.BILINEAR)  # shorter side 32 = 16 / 0.5
+    # shorter side 32 = 16 / 0.5, the longer int(40 * 32 / 30) = 42 (truncated, as torchvision and HuggingFace)
+    gray = Image.fromarray(rgb).convert("L").resize((42, 32), Image.BILINEAR)
     expected = (np.asarray(gray, np.float32)[8:24, 13:29, None] / 255 - 0.5) / 0.25
     np.testing.assert_array_equal(x, expected)
     x = serving.preprocess(rgb[..., :1], metadata.make_preprocessing(12))  # grayscale -> RGB model: tiled
