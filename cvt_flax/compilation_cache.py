@@ -2,8 +2,9 @@
 
 XLA programs compiled by a run (initialisation, train and eval steps) are stored on disk keyed by the program,
 the compiler version and its options; a later run of the same config on the same kind of device loads them
-instead of compiling (on this project's 2-core CPU a resumed Fashion-MNIST run reaches its first step in a tenth
-of the first run's time: README "Compile-only figures" and "Time to first step"). ``--config.compilation_cache_dir``:
+instead of compiling (on this project's 2-core CPU a repeated Fashion-MNIST run compiles its train step in 6.3-6.6 s
+against 31.1 s and reaches its first step in 53-55% of the first run's time, the rest being set-up and tracing:
+docs/compile_only.md, measured with ``bash benchmarks/ttfs.sh``). ``--config.compilation_cache_dir``:
 
 * ``auto`` (default): ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``<cvt-flax cache>/jax`` (``$CVT_FLAX_CACHE``
   or ``~/.cache/cvt_flax``; `cvt_flax.paths.cache_root`);

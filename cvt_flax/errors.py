@@ -25,7 +25,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import IO, Any
 
 _HERE = pathlib.Path(__file__).resolve()
 # Files whose `raise` statements speak to users: the package and the checkout's configs.
@@ -36,6 +36,9 @@ _OWN_TYPES = (
 EXIT_USER_ERROR = 2
 # Seconds `held_stderr` keeps holding after a dropped failure, for output that other threads print late.
 LATE_OUTPUT_S = 2.0
+# `quiet_reader_threads` after a failed read: hold until fd 2 has been quiet this long (at most QUIET_MAX_S).
+QUIET_S = 1.0
+QUIET_MAX_S = 15.0
 _HOLDING = {"active": False}  # fd 2 is the process's: one hold at a time
 
 
@@ -207,7 +210,10 @@ def split_noise(text: str, markers: tuple[str, ...] = THREAD_NOISE) -> tuple[str
 
     A block is a run of lines from a traceback's first line (``Traceback (most recent call last):``, ``Exception in
     thread ...``, ``Exception ignored in ...``, asyncio's ``Task exception was never retrieved``) through its indented
-    lines to the exception's own line; every other line (log records, warnings) is kept, in order.
+    lines to the exception's own line; every other line (log records, warnings) is kept, in order. The threads write
+    concurrently, so their blocks can interleave: indented lines outside any block (the tail of a block whose head
+    was closed by another thread's exception line) open a block of their own, and a stray line that mentions a
+    marker is noise on its own.
     """
     kept: list[str] = []
     noise: list[str] = []
@@ -220,15 +226,75 @@ def split_noise(text: str, markers: tuple[str, ...] = THREAD_NOISE) -> tuple[str
             block.clear()
 
     for line in text.splitlines(keepends=True):
-        if line.startswith(_BLOCK_START) or (block and (line[:1] in (" ", "\t", "\n", "") or line[:1] == "^")):
+        continuation = line[:1] in (" ", "\t", "^")
+        if line.startswith(_BLOCK_START) or continuation or (block and line[:1] in ("\n", "")):
             block.append(line)
         elif block:
             block.append(line)  # the exception's line ends the block
             close()
+        elif any(m in line for m in markers):
+            noise.append(line)
         else:
             kept.append(line)
     close()
     return "".join(kept), "".join(noise)
+
+
+@contextlib.contextmanager
+def _noise_hooks(log_file: str | os.PathLike | None, markers: tuple[str, ...] = THREAD_NOISE) -> Iterator[None]:
+    """Routes the reader threads' unhandled exceptions to ``log_file`` whole, one write each, while the block runs.
+
+    Python prints an exception of a thread or of a callback (``sys.unraisablehook``, ``threading.excepthook``) in
+    several writes, which interleave between threads; formatted here as one string, a marker-bearing one is appended
+    to the log (or dropped) and never reaches fd 2. Other exceptions go to the hooks that were installed before.
+    """
+    import threading
+
+    lock = threading.Lock()
+    prev_unraisable, prev_thread = sys.unraisablehook, threading.excepthook
+
+    def noisy(exc: BaseException | None, header: str) -> bool:
+        if exc is None:
+            return False
+        text = header + "".join(traceback.format_exception(exc))
+        if not any(m in text for m in markers):
+            return False
+        if log_file is not None:
+            with lock, contextlib.suppress(OSError), open(log_file, "a") as f:
+                f.write(text)
+        return True
+
+    def unraisable(u: Any) -> None:
+        if not noisy(u.exc_value, f"Exception ignored in: {u.object!r}\n"):
+            prev_unraisable(u)
+
+    def thread_hook(a: Any) -> None:
+        name = a.thread.name if a.thread is not None else "?"
+        if not noisy(a.exc_value, f"Exception in thread {name}:\n"):
+            prev_thread(a)
+
+    sys.unraisablehook, threading.excepthook = unraisable, thread_hook
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is unraisable:
+            sys.unraisablehook = prev_unraisable
+        if threading.excepthook is thread_hook:
+            threading.excepthook = prev_thread
+
+
+def _wait_until_quiet(fd: int) -> None:
+    """Waits until the file behind ``fd`` has not grown for `QUIET_S` (at most `QUIET_MAX_S`)."""
+    start = last_change = time.monotonic()
+    size = os.fstat(fd).st_size
+    while True:
+        time.sleep(0.1)
+        now = time.monotonic()
+        new = os.fstat(fd).st_size
+        if new != size:
+            size, last_change = new, now
+        if now - last_change >= QUIET_S or now - start >= QUIET_MAX_S:
+            return
 
 
 class _Held:
@@ -241,10 +307,12 @@ class _Held:
 def quiet_reader_threads(log_file: str | os.PathLike | None = None) -> Iterator[_Held]:
     """Keeps the tracebacks of Orbax's and TensorStore's reader threads out of the console (`split_noise`).
 
-    File descriptor 2 is held during the block (those threads write to it directly, bypassing logging); afterwards
-    the held output is written back without the noise, which goes to ``log_file`` (appended) when given. When a read
-    failed (the block raises, or the caller set ``held.linger``), the threads' late callbacks are waited for
-    (`LATE_OUTPUT_S`) so that they land here too. Nested blocks pass through to the outermost one.
+    Two layers. The threads' Python-level exceptions are routed whole to ``log_file`` by hooks (`_noise_hooks`), so
+    they cannot interleave. File descriptor 2 is held as well (for what is printed around the hooks); afterwards the
+    held output is written back without the noise (`split_noise`), which is appended to ``log_file`` when given.
+    When a read failed (the block raises, or the caller set ``held.linger``), the hold lasts until fd 2 has been
+    quiet for `QUIET_S`, so that the threads' late callbacks land here too. Nested blocks pass through to the
+    outermost one.
     """
     held_state = _Held()
     if _HOLDING["active"]:
@@ -253,7 +321,7 @@ def quiet_reader_threads(log_file: str | os.PathLike | None = None) -> Iterator[
     sys.stderr.flush()
     saved = os.dup(2)
     _HOLDING["active"] = True
-    with tempfile.TemporaryFile() as held:
+    with tempfile.TemporaryFile() as held, _noise_hooks(log_file):
         os.dup2(held.fileno(), 2)
         try:
             yield held_state
@@ -262,7 +330,8 @@ def quiet_reader_threads(log_file: str | os.PathLike | None = None) -> Iterator[
             raise
         finally:
             if held_state.linger:
-                time.sleep(LATE_OUTPUT_S)
+                sys.stderr.flush()
+                _wait_until_quiet(held.fileno())
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)

@@ -222,3 +222,61 @@ def test_reader_thread_noise_is_split_from_the_log():
     assert kept.splitlines()[0].endswith("cannot be restored (...).") and "Moved the damaged" in kept
     assert "KeyError: 'real'" in kept and "Event loop is closed" not in kept and "never retrieved" not in kept
     assert noise.count("Traceback") == 2 and "ValueError: truncated" in noise
+
+
+def test_interleaved_reader_thread_noise_is_split_from_the_log():
+    """Two threads' tracebacks interleaved line by line (what leaked on CI: the tail of the second block, after the
+    first block's exception line closed both heads) are noise as a whole; the log records around them stay."""
+    a = ["Traceback (most recent call last):\n", '  File "a.py", line 1, in cb\n', "    loop.call_soon(cb)\n"]
+    b = ["Exception ignored in: <function cb>\n", "Traceback (most recent call last):\n",
+         '  File "base_events.py", line 540\n', "    raise RuntimeError('Event loop is closed')\n"]  # fmt: skip
+    tangled = [line for pair in zip([*a, ""], b, strict=True) for line in pair]
+    text = (
+        "05:00:01 WARNING: The checkpoint /w/checkpoints/4 is damaged and cannot be restored (...).\n"
+        + "".join(tangled[:5]) + "RuntimeError: Event loop is closed\n" + "".join(tangled[5:])
+        + "RuntimeError: Event loop is closed\n"
+        + "RuntimeError: Event loop is closed\n"  # a stray exception line whose block went elsewhere
+        + "05:00:02 WARNING: Moved the damaged checkpoint /w/checkpoints/4 to /w/damaged_checkpoints/4.\n"
+        + "/x/y.py:3: UserWarning: keep me\n  warnings.warn('keep me')\n"
+        + "05:00:03 INFO: Resumed from step 2\n"
+    )  # fmt: skip
+    kept, noise = errors.split_noise(text)
+    assert kept.splitlines() == [
+        "05:00:01 WARNING: The checkpoint /w/checkpoints/4 is damaged and cannot be restored (...).",
+        "05:00:02 WARNING: Moved the damaged checkpoint /w/checkpoints/4 to /w/damaged_checkpoints/4.",
+        "/x/y.py:3: UserWarning: keep me",
+        "  warnings.warn('keep me')",
+        "05:00:03 INFO: Resumed from step 2",
+    ], kept
+    assert noise.count("Event loop is closed") == 4 and "Traceback" not in kept
+
+
+def test_reader_thread_exceptions_go_to_the_log_whole(tmp_path, capfd, monkeypatch):
+    """Exceptions that threads raise during the hold (Python's hooks, which print in several writes that interleave)
+    reach error.log one whole traceback each and never the console; other exceptions go to the hook before."""
+    import threading
+
+    log = tmp_path / "error.log"
+    passed_on: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: passed_on.append(a.exc_value))
+    hooks = (sys.unraisablehook, threading.excepthook)
+
+    def closed_loop() -> None:
+        raise RuntimeError("Event loop is closed")
+
+    def real_bug() -> None:
+        raise KeyError("real")
+
+    with errors.quiet_reader_threads(log_file=log) as held:
+        threads = [threading.Thread(target=closed_loop) for _ in range(8)] + [threading.Thread(target=real_bug)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        held.linger = True
+    err = capfd.readouterr().err
+    assert "Event loop is closed" not in err, err
+    assert [type(e) for e in passed_on] == [KeyError]
+    text = log.read_text()
+    assert text.count("Exception in thread") == 8 and text.count("RuntimeError: Event loop is closed") == 8, text
+    assert (sys.unraisablehook, threading.excepthook) == hooks
