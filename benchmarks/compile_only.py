@@ -361,8 +361,17 @@ def run_spec(spec: dict[str, Any], timeout_s: float, log_path: str | None = None
                 if part in rec and rec[part].get("module") in phases:
                     rec[part]["xla_phases_s"] = phases[rec[part]["module"]]
             return rec
-    tail = "\n".join(line for line in proc.stderr.splitlines()[-15:] if line.strip())
-    return {**_ident(spec), "error": f"exit {proc.returncode}: {tail[-1500:]}", "wall_s": time.perf_counter() - t0}
+    return {**_ident(spec), "error": child_error(proc.returncode, proc.stderr), "wall_s": time.perf_counter() - t0}
+
+
+def child_error(returncode: int, stderr: str) -> str:
+    """A failed child's error in one line: the exception's own line (e.g. XLA's RESOURCE_EXHAUSTED with the bytes
+    it needed), not the traceback above it (the whole stderr is in ``--log-dir``)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "RESOURCE_EXHAUSTED" in line or ("Error" in line.split(":")[0] and not line.startswith("File ")):
+            return f"exit {returncode}: {line[:600]}"
+    return f"exit {returncode}: {(lines[-1] if lines else 'no output')[:600]}"
 
 
 _PHASE = re.compile(r"(RunHloPasses|CompileToPtx|PtxToCubin|RunBackend)\w* for (\S+) time: [^(]*\((\d+) us\)")

@@ -255,3 +255,20 @@ def test_max_batch_search_bisects_to_three_percent(monkeypatch):
     assert 0.97 * 6000 <= found["max_global_batch"] <= 6000 < found["first_not_fitting"]
     assert found["first_not_fitting"] - found["max_global_batch"] <= 6000 // 32 + 4
     assert len(calls) <= 12
+
+
+def test_a_failed_compile_is_reported_by_its_own_line():
+    """A child that ran out of HBM reports XLA's line with the bytes it needed, not the traceback above it."""
+    from benchmarks.compile_only import child_error
+
+    stderr = (
+        'Traceback (most recent call last):\n  File "pxla.py", line 1516, in _cached_compilation\n'
+        "    xla_executable = compiler.compile_or_get_cached(\n\n"
+        "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+        "HLO temporaries (75.05G) exceeds available HBM (15.75G).\n"
+    )
+    assert child_error(1, stderr) == (
+        "exit 1: jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+        "required for HLO temporaries (75.05G) exceeds available HBM (15.75G)."
+    )
+    assert child_error(3, "") == "exit 3: no output"
