@@ -22,6 +22,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -34,9 +35,8 @@ _OWN_TYPES = (
     ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
 )  # fmt: skip
 EXIT_USER_ERROR = 2
-# Seconds `held_stderr` keeps holding after a dropped failure, for output that other threads print late.
-LATE_OUTPUT_S = 2.0
-# `quiet_reader_threads` after a failed read: hold until fd 2 has been quiet this long (at most QUIET_MAX_S).
+# After a failed save or read, `held_stderr` and `quiet_reader_threads` hold fd 2 until it has been quiet this long
+# (at most QUIET_MAX_S), for output that other threads print late.
 QUIET_S = 1.0
 QUIET_MAX_S = 15.0
 _HOLDING = {"active": False}  # fd 2 is the process's: one hold at a time
@@ -181,7 +181,8 @@ def held_stderr(drop_if: Callable[[BaseException], bool]) -> Iterator[None]:
             dropping = failed is not None and drop_if(failed)
             if dropping:
                 # The threads' callbacks keep arriving for a moment after the failure: let them land here.
-                time.sleep(LATE_OUTPUT_S)
+                sys.stderr.flush()
+                _wait_until_quiet(held.fileno())
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
@@ -248,8 +249,6 @@ def _noise_hooks(log_file: str | os.PathLike | None, markers: tuple[str, ...] = 
     several writes, which interleave between threads; formatted here as one string, a marker-bearing one is appended
     to the log (or dropped) and never reaches fd 2. Other exceptions go to the hooks that were installed before.
     """
-    import threading
-
     lock = threading.Lock()
     prev_unraisable, prev_thread = sys.unraisablehook, threading.excepthook
 
